@@ -1,0 +1,88 @@
+"""Block attention that returns the log-sum-exp, and the exact merge of blocks.
+
+``attend(q, k, v)`` takes (B, H, Sq, D) / (B, H, Sk, D) tensors and returns
+``(out, lse)`` with ``lse`` of shape (B, H, Sq) in float32.  Two partial
+results over disjoint key sets merge exactly with ``merge_into``:
+
+    lse = log(exp(lse_a) + exp(lse_b))
+    out = out_a * exp(lse_a - lse) + out_b * exp(lse_b - lse)
+
+Kernels are registered by name with the devices they run on; ``pick_kernel``
+chooses the first that fits (cuDNN, then flash, then memory-efficient on CUDA;
+the fused CPU flash kernel on CPU; a float32 reference implementation
+anywhere, used for float64 and for checks).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _math(q, k, v, scale):
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), v.float())
+    return out.to(q.dtype), lse
+
+
+def _cpu_flash(q, k, v, scale):
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False,
+                                                                          scale=scale)
+    return out, lse
+
+
+def _cuda_flash(q, k, v, scale):
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False,
+                                                                  scale=scale)[:2]
+    return out, lse
+
+
+def _cudnn(q, k, v, scale):
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False,
+                                                                  False, scale=scale)[:2]
+    return out, lse.reshape(q.shape[:3])  # cuDNN returns (B, H, S, 1)
+
+
+def _efficient(q, k, v, scale):
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0,
+                                                                      False, scale=scale)[:2]
+    return out, lse[..., : q.shape[2]]  # lse is padded to a multiple of 32
+
+
+_HALF = (torch.float16, torch.bfloat16)
+# name -> (kernel, supported(device_type, dtype, head_dim))
+KERNELS: dict[str, tuple[Kernel, Callable[[str, torch.dtype, int], bool]]] = {
+    "cudnn": (_cudnn, lambda dev, dt, d: dev == "cuda" and dt in _HALF and d <= 128),
+    "flash": (_cuda_flash, lambda dev, dt, d: dev == "cuda" and dt in _HALF and d <= 256),
+    "efficient": (_efficient, lambda dev, dt, d: dev == "cuda" and dt != torch.float64),
+    "cpu_flash": (_cpu_flash, lambda dev, dt, d: dev == "cpu" and dt != torch.float64),
+    "math": (_math, lambda dev, dt, d: True),
+}
+
+
+def pick_kernel(q: torch.Tensor, name: str = "auto") -> Kernel:
+    dev, dt, d = q.device.type, q.dtype, q.shape[-1]
+    if name != "auto":
+        if name not in KERNELS:
+            raise ValueError(f"unknown attention kernel {name!r}; choose from {list(KERNELS)}")
+        if not KERNELS[name][1](dev, dt, d):
+            raise ValueError(f"attention kernel {name!r} does not run on {dev} with {dt}, "
+                             f"head dim {d}")
+        return KERNELS[name][0]
+    for kernel, supported in KERNELS.values():
+        if supported(dev, dt, d):
+            return kernel
+    raise AssertionError("unreachable: 'math' supports everything")
+
+
+def merge_into(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor,
+               block_lse: torch.Tensor) -> None:
+    """Fold one block's (out, lse) into float32 accumulators, in place."""
+    new_lse = torch.logaddexp(lse, block_lse)
+    out.mul_(torch.exp(lse - new_lse).unsqueeze(-1))
+    out.add_(block_out.float() * torch.exp(block_lse - new_lse).unsqueeze(-1))
+    lse.copy_(new_lse)

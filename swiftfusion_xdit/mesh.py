@@ -1,0 +1,224 @@
+"""Topology-aware mesh builder for the torus strategy.
+
+One dataclass owns every parallel degree; ``plan_layout`` fills in the degrees
+the user left out and refuses impossible layouts with a message that names the
+numbers and says which degrees would work; ``build_mesh`` turns the plan into a
+named ``DeviceMesh``.
+
+Dimensions, outermost first::
+
+    ("dp", "cfg", "torus", "ulysses")
+
+laid over the ranks in machine-major order (``Topology.ranks_by_node``). The
+innermost dimension is contiguous inside a machine, so the bandwidth-hungry
+Ulysses all-to-all stays on NVLink; the outer, low-traffic dimensions (data
+parallel, CFG parallel: one exchange per step or none) take the slow
+inter-machine links first, and the torus (sequence ring across machines)
+takes whatever machines are left.
+
+The torus exchange runs in one of two modes (see ``torus_attention``):
+``"a2a"`` -- a second all-to-all across machines, decomposed into peer
+steps -- needs ``heads % (ulysses * torus) == 0``; otherwise ``"kv"`` -- each
+rank gathers the other machines' K/V, step by step -- works for any head count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+
+from .topology import Topology
+
+DIM_NAMES = ("dp", "cfg", "torus", "ulysses")
+
+
+class LayoutError(ValueError):
+    """A parallel layout that cannot run; the message says what would."""
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    ulysses: int
+    torus: int
+    cfg: int = 1
+    dp: int = 1
+
+    @property
+    def sp(self) -> int:
+        return self.ulysses * self.torus
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.cfg * self.sp
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (self.dp, self.cfg, self.torus, self.ulysses)
+
+
+@dataclass(frozen=True)
+class TorusLayout:
+    dims: ParallelDims
+    topology: Topology
+    num_heads: int
+    torus_exchange: str  # "a2a" or "kv"
+    notes: tuple[str, ...] = field(default=())
+
+    def rank_grid(self) -> torch.Tensor:
+        """Global ranks arranged as (dp, cfg, torus, ulysses)."""
+        return torch.tensor(self.topology.ranks_by_node).reshape(self.dims.shape)
+
+    def groups(self, dim: str) -> list[list[int]]:
+        """Every group of ``dim`` as a list of global ranks."""
+        axis = DIM_NAMES.index(dim)
+        grid = self.rank_grid().movedim(axis, -1)
+        return grid.reshape(-1, grid.shape[-1]).tolist()
+
+    def sp_groups(self) -> list[list[int]]:
+        return self.rank_grid().reshape(-1, self.dims.sp).tolist()
+
+    def describe(self) -> str:
+        d = self.dims
+        return (f"dp={d.dp} cfg={d.cfg} torus={d.torus} ulysses={d.ulysses} "
+                f"(torus exchange: {self.torus_exchange}) on {self.topology.describe()}")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def plan_layout(topology: Topology, num_heads: int, *, ulysses: int | None = None,
+                torus: int | None = None, cfg: int = 1, dp: int = 1,
+                torus_exchange: str = "auto") -> TorusLayout:
+    """Fill in missing degrees and validate; raises ``LayoutError`` with advice."""
+    world, per_node = topology.world_size, topology.gpus_per_node
+    notes: list[str] = []
+    for name, value in (("cfg", cfg), ("dp", dp), ("ulysses", ulysses), ("torus", torus)):
+        if value is not None and value < 1:
+            raise LayoutError(f"{name} degree must be >= 1, got {value}")
+    if world % (cfg * dp):
+        raise LayoutError(f"cfg ({cfg}) x dp ({dp}) = {cfg * dp} does not divide the world size "
+                          f"{world}; choose cfg x dp among {_divisors(world)}")
+    sp = world // (cfg * dp)
+
+    if ulysses is None and torus is None:
+        ulysses = _auto_ulysses(sp, per_node, num_heads)
+        notes.append(f"ulysses={ulysses}: the largest degree that divides the {num_heads} heads "
+                     f"and fits in one machine's {per_node} ranks")
+    elif ulysses is None:
+        if sp % torus:
+            raise LayoutError(f"torus degree {torus} does not divide the sequence-parallel size {sp} "
+                              f"(world {world} / cfg {cfg} / dp {dp}); choose among {_divisors(sp)}")
+        ulysses = sp // torus
+        notes.append(f"ulysses={ulysses}: the rest of the {sp} sequence-parallel ranks")
+    if torus is None:
+        if sp % ulysses:
+            raise LayoutError(f"ulysses degree {ulysses} does not divide the sequence-parallel size "
+                              f"{sp} (world {world} / cfg {cfg} / dp {dp}); choose among {_divisors(sp)}")
+        torus = sp // ulysses
+        notes.append(f"torus={torus}: the rest of the {sp} sequence-parallel ranks")
+
+    dims = ParallelDims(ulysses=ulysses, torus=torus, cfg=cfg, dp=dp)
+    if dims.world_size != world:
+        raise LayoutError(f"dp {dp} x cfg {cfg} x torus {torus} x ulysses {ulysses} = "
+                          f"{dims.world_size}, but {world} ranks are running; the product must "
+                          f"equal the world size")
+    if num_heads % ulysses:
+        good = [d for d in _divisors(num_heads) if sp % d == 0 and d <= per_node]
+        raise LayoutError(f"{num_heads} attention heads are not divisible by ulysses degree "
+                          f"{ulysses}; ulysses degrees that work here: {good}")
+    exchange = _torus_exchange(num_heads, dims, torus_exchange, notes)
+    layout = TorusLayout(dims, topology, num_heads, exchange, tuple(notes))
+    _check_ulysses_inside_machines(layout)
+    _note_placement(layout, notes)
+    return TorusLayout(dims, topology, num_heads, exchange, tuple(notes))
+
+
+def _auto_ulysses(sp: int, per_node: int, num_heads: int) -> int:
+    reach = min(sp, per_node)  # ranks of one SP group that share a machine
+    return max(d for d in _divisors(reach) if sp % d == 0 and num_heads % d == 0)
+
+
+def _torus_exchange(num_heads: int, dims: ParallelDims, requested: str, notes: list[str]) -> str:
+    fits_a2a = num_heads % dims.sp == 0
+    if requested == "auto":
+        if dims.torus > 1 and not fits_a2a:
+            notes.append(f"torus exchange 'kv': {num_heads} heads do not split over "
+                         f"ulysses x torus = {dims.sp}, so K/V travel instead of heads")
+        return "a2a" if fits_a2a else "kv"
+    if requested == "a2a" and not fits_a2a:
+        raise LayoutError(f"torus exchange 'a2a' needs heads divisible by ulysses x torus = "
+                          f"{dims.sp}, but there are {num_heads} heads; use 'kv' or 'auto'")
+    if requested not in ("a2a", "kv"):
+        raise LayoutError(f"unknown torus exchange {requested!r}; use 'auto', 'a2a' or 'kv'")
+    return requested
+
+
+def _check_ulysses_inside_machines(layout: TorusLayout) -> None:
+    node = layout.topology.node_of_rank
+    for group in layout.groups("ulysses"):
+        if len({node[r] for r in group}) > 1:
+            per_node = layout.topology.gpus_per_node
+            d = layout.dims
+            good = [u for u in _divisors(per_node) if d.sp % u == 0 and layout.num_heads % u == 0]
+            raise LayoutError(
+                f"ulysses degree {d.ulysses} puts one all-to-all group on several machines "
+                f"(ranks {group}), but each machine has {per_node} ranks; keep the all-to-all "
+                f"inside a machine (ulysses in {good}) and give the rest to the torus degree")
+
+
+def _note_placement(layout: TorusLayout, notes: list[str]) -> None:
+    node = layout.topology.node_of_rank
+    if layout.dims.torus > 1:
+        spans = all(len({node[r] for r in g}) > 1 for g in layout.groups("torus"))
+        notes.append("torus ring crosses machines" if spans
+                     else "torus ring runs inside a machine")
+    for dim in ("cfg", "dp"):
+        if getattr(layout.dims, dim) > 1:
+            spans = all(len({node[r] for r in g}) > 1 for g in layout.groups(dim))
+            notes.append(f"{dim} parallel {'crosses machines' if spans else 'inside a machine'}")
+
+
+@dataclass
+class TorusMesh:
+    """The process groups of one rank, built from a ``TorusLayout``."""
+
+    layout: TorusLayout
+    device_mesh: DeviceMesh
+    sp_group: dist.ProcessGroup
+
+    def group(self, dim: str) -> dist.ProcessGroup:
+        return self.device_mesh.get_group(dim)
+
+    @property
+    def ulysses_group(self) -> dist.ProcessGroup:
+        return self.group("ulysses")
+
+    @property
+    def torus_group(self) -> dist.ProcessGroup:
+        return self.group("torus")
+
+    def coordinate(self, dim: str) -> int:
+        return self.device_mesh.get_local_rank(dim)
+
+    @property
+    def sp_rank(self) -> int:
+        """Which sequence shard this rank holds: torus-major, ulysses-minor."""
+        return self.coordinate("torus") * self.layout.dims.ulysses + self.coordinate("ulysses")
+
+
+def build_mesh(layout: TorusLayout, device_type: str | None = None) -> TorusMesh:
+    """Create the process groups (collective: every rank must call it)."""
+    if device_type is None:
+        device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    grid = layout.rank_grid()
+    mesh = DeviceMesh(device_type, grid, mesh_dim_names=DIM_NAMES)
+    sp_group = None
+    for ranks in layout.sp_groups():  # new_group is collective over all ranks
+        group = dist.new_group(ranks)
+        if dist.get_rank() in ranks:
+            sp_group = group
+    return TorusMesh(layout, mesh, sp_group)

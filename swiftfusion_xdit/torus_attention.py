@@ -1,0 +1,312 @@
+"""Torus Attention: exact attention over a sequence sharded across machines.
+
+Ranks form a (torus T) x (ulysses U) grid: U ranks per machine share NVLink,
+T machines are joined by a slower network. Sequence-parallel rank
+``t * U + u`` holds shard ``t * U + u`` of the sequence (S/(T*U) tokens) for
+all H heads, in xfuser's ``(B, H, S, D)`` layout.
+
+Schedule (``exchange="a2a"``, heads divisible by U*T)::
+
+  1. Ulysses all-to-all inside the machine (blocking; NVLink is fast):
+       rank (t,u): tokens of machine t (S/T), heads of group u (H/U)
+  2. Torus all-to-all across machines, decomposed into T-1 shifted steps.
+     Step a sends Q,K,V of machine t's tokens for head sub-group t+a to
+     machine t+a and receives machine (t-a)'s tokens for our sub-group t:
+
+       machine:   0      1      2      3         slot a of rank t holds the
+       step 1:    0->1   1->2   2->3   3->0      chunk of machine t-a;
+       step 2:    0->2   1->3   2->0   3->1      slots 0..a are contiguous in
+       step 3:    0->3   1->0   2->1   3->2      the receive buffers.
+
+     While step a+1 is in flight, step a's blocks are computed:
+       Q[slot a]    x K[slots 0..a]    (new queries, all keys so far)
+       Q[slots <a]  x K[slot a]        (old queries, the new keys)
+     and each block's (out, lse) is merged exactly into float32 accumulators.
+  3. Output back across machines, T-1 shifted steps, overlapped with the
+     last step's blocks: as soon as the output of slot b is final, it is sent
+     to its owner machine while the next slot is computed.
+  4. Ulysses all-to-all back inside the machine.
+
+With ``exchange="kv"`` (any head count) step 2 instead gathers the other
+machines' K,V (no Q, no output exchange): more bytes, no head constraint.
+T == 1 is plain Ulysses; U == 1 is a pure torus.
+
+Joint (text) tokens are replicated on every rank with all heads, like xfuser's
+``joint_strategy``. Their keys/values are prepended to our own chunk (slot 0),
+so every query sees them exactly once; their queries ride in front of slot 0
+and their output is gathered over heads at the end.
+
+Bytes one GPU sends per attention layer, X = (S/(T*U)) * H * D * bytes
+(one rank's shard of one tensor)::
+
+  strategy            intra-machine        inter-machine
+  Ulysses (U*T)       -                    4X (P-1)/P, P = U*T, mostly remote
+  Ring (U*T)          -                    2X per step on the machine-crossing
+                                           hop, (P-1) dependent steps
+  USP (U x ring T)    4X (U-1)/U           2X (T-1), relayed ring steps
+  torus a2a (U x T)   4X (U-1)/U           4X (T-1)/T, direct peer steps
+  torus kv  (U x T)   4X (U-1)/U           2X (T-1), direct peer steps
+
+At T=2 torus a2a and USP move the same bytes; at T=4 torus moves half, at
+T=8 a quarter, and every step overlaps with attention on blocks that
+already arrived.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .block_attention import Kernel, merge_into, pick_kernel
+from .transport import Transport, resolve_transport
+
+
+@dataclass
+class SPGroups:
+    """The two sequence-parallel groups Torus Attention runs over."""
+
+    ulysses: dist.ProcessGroup | None
+    torus: dist.ProcessGroup | None
+    exchange: str = "a2a"  # or "kv"
+
+    @property
+    def ulysses_size(self) -> int:
+        return dist.get_world_size(self.ulysses) if self.ulysses is not None else 1
+
+    @property
+    def torus_size(self) -> int:
+        return dist.get_world_size(self.torus) if self.torus is not None else 1
+
+
+@dataclass
+class Joint:
+    """Replicated text tokens, all heads, (B, H, S_text, D) each."""
+
+    q: torch.Tensor | None
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+def torus_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: SPGroups, *,
+                    joint: Joint | None = None, transport: Transport | None = None,
+                    kernel: str = "auto", scale: float | None = None):
+    """Attention of this rank's sequence shard against the whole sequence.
+
+    Returns the output for the local shard, (B, H, S_local, D); with joint
+    queries, ``(out, joint_out)`` where ``joint_out`` is (B, H, S_text, D) and
+    identical on every rank.
+    """
+    transport = transport or resolve_transport("auto")
+    U, T = groups.ulysses_size, groups.torus_size
+    H, D = q.shape[1], q.shape[3]
+    _check_heads(H, U, T, groups.exchange)
+    scale = scale if scale is not None else D ** -0.5
+    attend = pick_kernel(q, kernel)
+
+    qkv = _seq_to_heads(torch.stack((q, k, v)), groups.ulysses, transport)
+    u = dist.get_rank(groups.ulysses) if U > 1 else 0
+    joint = _head_slice(joint, u * (H // U), H // U)
+
+    if T == 1:
+        out, joint_out = _local(qkv, joint, attend, scale)
+    elif groups.exchange == "a2a":
+        out, joint_out = _torus_a2a(qkv, joint, groups.torus, transport, attend, scale)
+    else:
+        out, joint_out = _torus_kv(qkv, joint, groups.torus, transport, attend, scale)
+
+    out = _heads_to_seq(out, groups.ulysses, transport)
+    if joint is None or joint.q is None:
+        return out
+    if groups.exchange == "a2a":
+        joint_out = _gather_heads(joint_out, groups.torus)
+    return out, _gather_heads(joint_out, groups.ulysses)
+
+
+def _check_heads(H: int, U: int, T: int, exchange: str) -> None:
+    if H % U:
+        raise ValueError(f"{H} heads are not divisible by the ulysses degree {U}")
+    if exchange == "a2a" and T > 1 and H % (U * T):
+        raise ValueError(f"torus exchange 'a2a' needs {H} heads divisible by ulysses x torus = "
+                         f"{U * T}; use exchange 'kv'")
+    if exchange not in ("a2a", "kv"):
+        raise ValueError(f"unknown torus exchange {exchange!r}; use 'a2a' or 'kv'")
+
+
+# --- Ulysses: sequence <-> heads inside a machine ------------------------------------------
+
+def _seq_to_heads(x: torch.Tensor, group, transport: Transport) -> torch.Tensor:
+    """(n, B, H, s, D) sharded by sequence -> (n, B, H/U, U*s, D) sharded by heads."""
+    U = dist.get_world_size(group) if group is not None else 1
+    if U == 1:
+        return x
+    n, B, H, s, D = x.shape
+    send = x.reshape(n, B, U, H // U, s, D).permute(2, 0, 1, 3, 4, 5)  # dest-major
+    recv = transport.all_to_all(send.contiguous(), group)  # source (= seq chunk) major
+    return recv.permute(1, 2, 3, 0, 4, 5).reshape(n, B, H // U, U * s, D)
+
+
+def _heads_to_seq(x: torch.Tensor, group, transport: Transport) -> torch.Tensor:
+    """(B, H/U, U*s, D) sharded by heads -> (B, H, s, D) sharded by sequence."""
+    U = dist.get_world_size(group) if group is not None else 1
+    if U == 1:
+        return x
+    B, h, S, D = x.shape
+    send = x.reshape(B, h, U, S // U, D).permute(2, 0, 1, 3, 4)  # dest (= seq chunk) major
+    recv = transport.all_to_all(send.contiguous(), group)  # source (= head group) major
+    return recv.permute(1, 0, 2, 3, 4).reshape(B, U * h, S // U, D)
+
+
+def _head_slice(joint: Joint | None, start: int, count: int) -> Joint | None:
+    if joint is None:
+        return None
+    pick = lambda t: None if t is None else t[:, start:start + count]
+    return Joint(pick(joint.q), pick(joint.k), pick(joint.v))
+
+
+def _gather_heads(x: torch.Tensor, group) -> torch.Tensor:
+    if group is None or dist.get_world_size(group) == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=1)
+
+
+# --- attention over the machine's tokens and the torus -------------------------------------
+
+def _accumulators(q: torch.Tensor):
+    return (torch.zeros(q.shape, dtype=torch.float32, device=q.device),
+            torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device))
+
+
+def _attend_into(attend: Kernel, scale: float, q, k, v, out, lse) -> None:
+    block_out, block_lse = attend(q, k, v, scale)
+    merge_into(out, lse, block_out, block_lse)
+
+
+def _with_joint(x: torch.Tensor, prefix: torch.Tensor | None) -> torch.Tensor:
+    return x if prefix is None else torch.cat((prefix, x), dim=2)
+
+
+def _local(qkv, joint: Joint | None, attend: Kernel, scale: float):
+    q, k, v = qkv
+    jq = None if joint is None else joint.q
+    q_all = _with_joint(q, jq)
+    out, lse = _accumulators(q_all)
+    _attend_into(attend, scale, q_all, _with_joint(k, joint and joint.k),
+                 _with_joint(v, joint and joint.v), out, lse)
+    out = out.to(q.dtype)
+    nj = 0 if jq is None else jq.shape[2]
+    return out[:, :, nj:], out[:, :, :nj]
+
+
+def _torus_kv(qkv, joint: Joint | None, group, transport: Transport, attend: Kernel, scale):
+    """Gather the other machines' K,V in T-1 shifted steps; queries stay home."""
+    T, t = dist.get_world_size(group), dist.get_rank(group)
+    q, k, v = qkv
+    jq = None if joint is None else joint.q
+    q_all = _with_joint(q, jq)
+    out, lse = _accumulators(q_all)
+    kv_own = qkv[1:].contiguous()
+    pending = transport.exchange(kv_own, (t + 1) % T, (t - 1) % T, group)
+    _attend_into(attend, scale, q_all, _with_joint(k, joint and joint.k),
+                 _with_joint(v, joint and joint.v), out, lse)
+    for step in range(1, T):
+        kv = pending.wait()
+        if step + 1 < T:
+            pending = transport.exchange(kv_own, (t + step + 1) % T, (t - step - 1) % T, group)
+        _attend_into(attend, scale, q_all, kv[0], kv[1], out, lse)
+    out = out.to(q.dtype)
+    nj = 0 if jq is None else jq.shape[2]
+    return out[:, :, nj:], out[:, :, :nj]
+
+
+class _SlotBuffers:
+    """Q/K/V of all machines' chunks for our head sub-group, in arrival order.
+
+    Layout along the sequence: [joint | slot 0 | slot 1 | ...]; slot a holds
+    the chunk of torus rank t-a, so "slots 0..a" is one contiguous view.
+    """
+
+    def __init__(self, own: torch.Tensor, joint: Joint | None, T: int):
+        _, B, h, c, D = own.shape
+        self.c, self.T = c, T
+        self.nq = 0 if joint is None or joint.q is None else joint.q.shape[2]
+        self.nk = 0 if joint is None else joint.k.shape[2]
+        new = lambda n: own.new_empty(B, h, n + T * c, D)
+        self.q, self.k, self.v = new(self.nq), new(self.nk), new(self.nk)
+        if self.nq:
+            self.q[:, :, : self.nq] = joint.q
+        if self.nk:
+            self.k[:, :, : self.nk] = joint.k
+            self.v[:, :, : self.nk] = joint.v
+        self.fill(0, own)
+        self.out, self.lse = _accumulators(self.q)
+
+    def fill(self, slot: int, qkv: torch.Tensor) -> None:
+        for buf, n, x in ((self.q, self.nq, qkv[0]), (self.k, self.nk, qkv[1]),
+                          (self.v, self.nk, qkv[2])):
+            buf[:, :, n + slot * self.c: n + (slot + 1) * self.c] = x
+
+    def q_rows(self, first_slot: int, end_slot: int, with_joint: bool) -> slice:
+        start = 0 if with_joint else self.nq + first_slot * self.c
+        return slice(start, self.nq + end_slot * self.c)
+
+    def k_rows(self, first_slot: int, end_slot: int, with_joint: bool) -> slice:
+        start = 0 if with_joint else self.nk + first_slot * self.c
+        return slice(start, self.nk + end_slot * self.c)
+
+
+def _torus_a2a(qkv, joint: Joint | None, group, transport: Transport, attend: Kernel, scale):
+    """All-to-all across machines in T-1 shifted steps, overlapped with attention."""
+    T, t = dist.get_world_size(group), dist.get_rank(group)
+    n, B, h, c, D = qkv.shape
+    by_dest = qkv.reshape(n, B, T, h // T, c, D)  # head sub-group p belongs to torus rank p
+    outgoing = lambda dst: by_dest[:, :, dst].contiguous()
+    slots = _SlotBuffers(outgoing(t), _head_slice(joint, t * (h // T), h // T), T)
+    last = T - 1
+
+    def block(q_rows: slice, k_rows: slice) -> None:
+        if q_rows.stop == q_rows.start:  # no joint queries
+            return
+        _attend_into(attend, scale, slots.q[:, :, q_rows], slots.k[:, :, k_rows],
+                     slots.v[:, :, k_rows], slots.out[:, :, q_rows], slots.lse[:, :, q_rows])
+
+    pending = transport.exchange(outgoing((t + 1) % T), (t + 1) % T, (t - 1) % T, group)
+    returns = {}
+    for a in range(T):
+        if a > 0:
+            slots.fill(a, pending.wait())
+            if a < last:
+                nxt = a + 1
+                pending = transport.exchange(outgoing((t + nxt) % T), (t + nxt) % T,
+                                             (t - nxt) % T, group)
+        # new queries against every key so far (joint keys included)
+        block(slots.q_rows(a, a + 1, False), slots.k_rows(0, a + 1, True))
+        if a < last:
+            # older queries (and joint queries) against the new keys
+            block(slots.q_rows(0, a, True), slots.k_rows(a, a + 1, a == 0))
+            continue
+        # last step: finish slot by slot and send each output home at once
+        returns[last] = _send_output(slots, last, t, T, group, transport)
+        for b in range(last - 1, 0, -1):
+            block(slots.q_rows(b, b + 1, False), slots.k_rows(last, last + 1, False))
+            returns[b] = _send_output(slots, b, t, T, group, transport)
+        block(slots.q_rows(0, 1, True), slots.k_rows(last, last + 1, False))
+
+    dtype = qkv.dtype
+    own = slots.out[:, :, slots.q_rows(0, 1, False)].to(dtype)
+    parts = {t: own}
+    for b, pend in returns.items():  # output step b brings our chunk from torus rank t+b
+        parts[(t + b) % T] = pend.wait()
+    out = torch.cat([parts[p] for p in range(T)], dim=1)
+    joint_out = slots.out[:, :, : slots.nq].to(dtype)
+    return out, joint_out
+
+
+def _send_output(slots: _SlotBuffers, slot: int, t: int, T: int, group, transport: Transport):
+    """Slot ``slot`` is final: send it to its owner t-slot, receive ours from t+slot."""
+    rows = slots.q_rows(slot, slot + 1, False)
+    final = slots.out[:, :, rows].to(slots.q.dtype)
+    return transport.exchange(final, (t - slot) % T, (t + slot) % T, group)

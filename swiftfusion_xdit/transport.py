@@ -1,0 +1,139 @@
+"""Communication transports behind one small interface.
+
+Torus Attention needs two operations:
+
+* ``all_to_all(x, group)`` -- a blocking all-to-all of equal chunks along
+  dim 0 (the Ulysses exchange inside a machine);
+* ``exchange(send, dst, src, group)`` -- start sending ``send`` to group rank
+  ``dst`` and receiving a tensor like ``send`` from group rank ``src``; returns
+  a ``Pending`` whose ``wait()`` gives the received tensor.  This is one step
+  of the torus; the caller computes while it is in flight.
+
+Transports are registered by name, like diffusers' attention backends:
+``gloo`` and ``nccl`` are the two-sided torch.distributed implementation
+(async ``isend``/``irecv``; NCCL runs them on its own streams, so they overlap
+with attention on the compute stream, and ``wait()`` only makes the compute
+stream wait, it does not block the host); ``nvshmem`` (one-sided puts with
+signals) lives in ``swiftfusion_xdit.nvshmem_transport``.
+``resolve_transport`` says which one is used and why.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+class Pending(Protocol):
+    def wait(self) -> torch.Tensor: ...
+
+
+class Transport(Protocol):
+    name: str
+
+    def all_to_all(self, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor: ...
+
+    def exchange(self, send: torch.Tensor, dst: int, src: int,
+                 group: dist.ProcessGroup) -> Pending: ...
+
+
+@dataclass
+class _TwoSidedPending:
+    works: list
+    recv: torch.Tensor
+
+    def wait(self) -> torch.Tensor:
+        for work in self.works:
+            work.wait()
+        return self.recv
+
+
+class _Done:
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+    def wait(self) -> torch.Tensor:
+        return self.tensor
+
+
+class TwoSidedTransport:
+    """torch.distributed send/recv and all_to_all_single (NCCL or gloo)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def all_to_all(self, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        out = torch.empty_like(x)
+        dist.all_to_all_single(out, x.contiguous(), group=group)
+        return out
+
+    def exchange(self, send: torch.Tensor, dst: int, src: int,
+                 group: dist.ProcessGroup) -> Pending:
+        me = dist.get_rank(group)
+        if dst == me and src == me:
+            return _Done(send)
+        recv = torch.empty_like(send)
+        ops = [dist.P2POp(dist.irecv, recv, dist.get_global_rank(group, src), group),
+               dist.P2POp(dist.isend, send.contiguous(), dist.get_global_rank(group, dst), group)]
+        return _TwoSidedPending(dist.batch_isend_irecv(ops), recv)
+
+
+def _two_sided_available(name: str) -> str | None:
+    if not dist.is_available():
+        return "torch.distributed is not available in this torch build"
+    if name == "nccl" and not (torch.cuda.is_available() and dist.is_nccl_available()):
+        return "NCCL needs a CUDA GPU and a torch build with NCCL"
+    return None
+
+
+def _nvshmem_available() -> str | None:
+    from . import nvshmem_transport  # GPU-only pieces are imported lazily
+    return nvshmem_transport.unavailable_reason()
+
+
+def _make_nvshmem(name: str) -> Transport:
+    from . import nvshmem_transport
+    return nvshmem_transport.NvshmemTransport()
+
+
+# name -> (why unavailable or None, factory)
+_REGISTRY: dict[str, tuple[Callable[[], str | None], Callable[[str], Transport]]] = {
+    "gloo": (lambda: _two_sided_available("gloo"), TwoSidedTransport),
+    "nccl": (lambda: _two_sided_available("nccl"), TwoSidedTransport),
+    "nvshmem": (_nvshmem_available, _make_nvshmem),
+}
+
+
+def unavailable_reason(name: str) -> str | None:
+    if name not in _REGISTRY:
+        return f"unknown transport {name!r}; choose one of {sorted(_REGISTRY)} or 'auto'"
+    return _REGISTRY[name][0]()
+
+
+def resolve_transport(requested: str = "auto") -> Transport:
+    """Pick the transport; ``auto`` prefers NVSHMEM, then NCCL, then gloo."""
+    backend = dist.get_backend() if dist.is_initialized() else None
+    if requested == "auto":
+        if backend != "nccl":
+            log.info("transport gloo: the process group backend is %s", backend)
+            return TwoSidedTransport("gloo")
+        why_not = unavailable_reason("nvshmem")
+        if why_not is None:
+            log.info("transport nvshmem: nvshmem4py is installed and initialised")
+            return _REGISTRY["nvshmem"][1]("nvshmem")
+        log.info("transport nccl: NVSHMEM not used (%s)", why_not)
+        return TwoSidedTransport("nccl")
+    why_not = unavailable_reason(requested)
+    if why_not:
+        raise RuntimeError(f"transport {requested!r} cannot be used: {why_not}")
+    if requested in ("gloo", "nccl") and backend is not None and backend != requested:
+        raise RuntimeError(f"transport {requested!r} asked for, but torch.distributed was "
+                           f"initialised with backend {backend!r}; use comm='auto' or "
+                           f"init_process_group(backend={requested!r})")
+    return _REGISTRY[requested][1](requested)
