@@ -119,8 +119,10 @@ def hidden_fraction(trace_path: str) -> dict:
     compute = _union([(e["ts"], e["ts"] + e["dur"]) for e in kernels if "nccl" not in e["name"].lower()])
     exch_us = sum(e - s for s, e in exch)
     hidden_us = _overlap(exch, compute)
-    return {"exchange_gpu_us": exch_us, "hidden_us": hidden_us,
-            "hidden_fraction": hidden_us / exch_us if exch_us else None}
+    compute_us = sum(e - s for s, e in compute)
+    return {"exchange_gpu_us": exch_us, "compute_gpu_us": compute_us, "hidden_us": hidden_us,
+            "hidden_fraction": hidden_us / exch_us if exch_us else None,
+            "compute_under_exchange_fraction": hidden_us / compute_us if compute_us else None}
 
 
 def main():
