@@ -92,8 +92,12 @@ def _divisors(n: int) -> list[int]:
 
 def plan_layout(topology: Topology, num_heads: int, *, ulysses: int | None = None,
                 torus: int | None = None, cfg: int = 1, dp: int = 1,
-                torus_exchange: str = "auto") -> TorusLayout:
-    """Fill in missing degrees and validate; raises ``LayoutError`` with advice."""
+                torus_exchange: str = "auto", check_placement: bool = True) -> TorusLayout:
+    """Fill in missing degrees and validate; raises ``LayoutError`` with advice.
+
+    ``check_placement=False`` lets a Ulysses group span machines: only for
+    running the classic baselines (plain Ulysses over several machines).
+    """
     world, per_node = topology.world_size, topology.gpus_per_node
     notes: list[str] = []
     for name, value in (("cfg", cfg), ("dp", dp), ("ulysses", ulysses), ("torus", torus)):
@@ -132,7 +136,8 @@ def plan_layout(topology: Topology, num_heads: int, *, ulysses: int | None = Non
                           f"{ulysses}; ulysses degrees that work here: {good}")
     exchange = _torus_exchange(num_heads, dims, torus_exchange, notes)
     layout = TorusLayout(dims, topology, num_heads, exchange, tuple(notes))
-    _check_ulysses_inside_machines(layout)
+    if check_placement:
+        _check_ulysses_inside_machines(layout)
     _note_placement(layout, notes)
     return TorusLayout(dims, topology, num_heads, exchange, tuple(notes))
 

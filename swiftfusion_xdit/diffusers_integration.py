@@ -1,0 +1,172 @@
+"""diffusers glue: ``pipe.enable_parallel(strategy="torus", ...)``.
+
+diffusers' own context-parallel machinery does the sequence bookkeeping: the
+model's ``_cp_plan`` hooks split the inputs over the CP mesh and gather the
+output. We give it our own mesh (dims "ring" = torus across machines,
+"ulysses" inside a machine, laid out by the topology-aware builder) and
+replace only the attention: the transformer module's ``dispatch_attention_fn``
+is wrapped so that calls carrying our config run Torus Attention and every
+other call (cross-attention, non-parallel models) goes to diffusers unchanged.
+
+Why not ``model.enable_parallelism``: in diffusers 0.42 it derives the device
+as ``rank % torch.accelerator.device_count()``, which divides by zero on a
+CPU-only machine, and it insists on one of diffusers' own CP backends. We run
+its three steps ourselves (config setup, processor configs, plan hooks) so the
+same path runs on CPU ranks and GPUs.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from diffusers.hooks.context_parallel import apply_context_parallel
+from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
+from torch.distributed.device_mesh import DeviceMesh
+
+from .mesh import LayoutError, TorusLayout, build_mesh, plan_layout
+from .topology import detect_topology
+from .torus_attention import SPGroups, torus_attention
+from .transport import Transport, resolve_transport
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("torus", "ulysses", "ring", "usp")
+
+
+@dataclass
+class TorusContextParallelConfig(ContextParallelConfig):
+    """diffusers' CP config plus what Torus Attention needs."""
+
+    sp_groups: SPGroups | None = None
+    transport: Transport | None = None
+    kernel: str = "auto"
+
+
+def ensure_distributed() -> torch.device:
+    """Initialise torch.distributed from torchrun's environment if needed."""
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            raise RuntimeError("enable_parallel needs torch.distributed: launch with torchrun "
+                               "(or swiftfusion-xdit generate), or call init_process_group first")
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+
+
+def plan_strategy(strategy: str, num_heads: int, *, ulysses: int | None = None,
+                  torus: int | None = None) -> TorusLayout:
+    """Map a strategy name onto the (torus, ulysses) grid; collective (gathers topology)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
+    topo = detect_topology()
+    sp = topo.world_size
+    if strategy == "torus":
+        return plan_layout(topo, num_heads, ulysses=ulysses, torus=torus)
+    # Baselines run on the same code with the classic layouts: placement not enforced.
+    if strategy == "ulysses":
+        return plan_layout(topo, num_heads, ulysses=sp, torus=1, check_placement=False)
+    if strategy == "ring":
+        return plan_layout(topo, num_heads, ulysses=1, torus=sp, torus_exchange="kv")
+    return plan_layout(topo, num_heads, ulysses=ulysses, torus=torus, torus_exchange="kv",
+                       check_placement=False)
+
+
+def parallelize_transformer(transformer: torch.nn.Module, strategy: str = "torus", *,
+                            ulysses: int | None = None, torus: int | None = None,
+                            comm: str = "auto", kernel: str = "auto") -> TorusLayout:
+    """Shard a diffusers transformer's sequence over all ranks; attention runs Torus Attention."""
+    plan = getattr(transformer, "_cp_plan", None)
+    if plan is None:
+        raise ValueError(f"{type(transformer).__name__} has no context-parallel plan (_cp_plan) in "
+                         f"diffusers, so its sequence cannot be split; models with one include "
+                         f"FluxTransformer2DModel, WanTransformer3DModel, QwenImageTransformer2DModel")
+    device = ensure_distributed()
+    layout = plan_strategy(strategy, transformer.config.num_attention_heads, ulysses=ulysses,
+                           torus=torus)
+    if dist.get_rank() == 0:
+        log.warning("swiftfusion %s: %s; %s", strategy, layout.describe(), "; ".join(layout.notes))
+    if layout.dims.sp == 1:
+        return layout  # one rank: nothing to split
+    mesh = build_mesh(layout, device.type)
+    cp_mesh = DeviceMesh(device.type, layout.rank_grid().reshape(layout.dims.torus, layout.dims.ulysses),
+                         mesh_dim_names=("ring", "ulysses"))
+    cp = TorusContextParallelConfig(
+        ring_degree=layout.dims.torus, ulysses_degree=layout.dims.ulysses, mesh=cp_mesh,
+        sp_groups=SPGroups(mesh.ulysses_group, mesh.torus_group, layout.torus_exchange),
+        transport=resolve_transport(comm), kernel=kernel)
+    config = ParallelConfig(context_parallel_config=cp)
+    config.setup(dist.get_rank(), dist.get_world_size(), device, mesh=cp_mesh)
+    transformer._parallel_config = config
+    for module in transformer.modules():
+        processor = getattr(module, "processor", None)
+        if processor is not None and hasattr(processor, "_parallel_config"):
+            processor._parallel_config = config
+    apply_context_parallel(transformer, cp, plan)
+    _wrap_dispatch(sys.modules[type(transformer).__module__])
+    return layout
+
+
+def _wrap_dispatch(module) -> None:
+    original = module.dispatch_attention_fn
+    if getattr(original, "_swiftfusion", False):
+        return
+
+    @functools.wraps(original)
+    def dispatch(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                 enable_gqa=False, attention_kwargs=None, *, backend=None, parallel_config=None):
+        cp = getattr(parallel_config, "context_parallel_config", None)
+        if not isinstance(cp, TorusContextParallelConfig):
+            return original(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                            attention_kwargs, backend=backend, parallel_config=parallel_config)
+        if attn_mask is not None or is_causal or dropout_p:
+            raise NotImplementedError(
+                "swiftfusion's sequence-parallel attention supports unmasked, non-causal attention "
+                "without dropout (as in Flux and Wan self-attention); this call passes "
+                f"attn_mask={'yes' if attn_mask is not None else 'no'}, is_causal={is_causal}, "
+                f"dropout_p={dropout_p}")
+        q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # diffusers: (B, S, H, D)
+        out = torus_attention(q, k, v, cp.sp_groups, transport=cp.transport, kernel=cp.kernel,
+                              scale=scale)
+        return out.transpose(1, 2)
+
+    dispatch._swiftfusion = True
+    module.dispatch_attention_fn = dispatch
+
+
+def enable_parallel(pipe, strategy: str = "torus", *, ulysses: int | None = None,
+                    torus: int | None = None, comm: str = "auto", kernel: str = "auto",
+                    output_on_all_ranks: bool = False):
+    """Run ``pipe`` sequence-parallel over every rank of the torchrun job.
+
+    Places the pipeline on this rank's device, shards the transformer's
+    sequence (degrees picked by the topology-aware mesh builder unless given),
+    and makes non-zero ranks return ``None`` unless ``output_on_all_ranks``.
+    """
+    device = ensure_distributed()
+    pipe.to(device)
+    pipe.parallel_layout = parallelize_transformer(pipe.transformer, strategy, ulysses=ulysses,
+                                                   torus=torus, comm=comm, kernel=kernel)
+    if not output_on_all_ranks and dist.get_rank() != 0:
+        cls = type(pipe)
+        pipe.__class__ = type(f"NonMainRank{cls.__name__}", (cls,), {"__call__": _call_then_drop})
+    return pipe
+
+
+def _call_then_drop(self, *args, **kwargs):
+    super(type(self), self).__call__(*args, **kwargs)  # every rank must run the collectives
+    return None
+
+
+def install() -> None:
+    """Make ``pipe.enable_parallel(...)`` available on every diffusers pipeline."""
+    from diffusers import DiffusionPipeline
+    if not hasattr(DiffusionPipeline, "enable_parallel"):
+        DiffusionPipeline.enable_parallel = enable_parallel

@@ -1,0 +1,62 @@
+"""Real diffusers/transformers classes, tiny configs, random weights, no download.
+
+``tiny_flux_pipeline()`` is the embedded default of the main job: a
+``FluxPipeline`` whose transformer, VAE, CLIP and T5 encoders are built from
+small configs with seeded random weights, and whose tokenizers are word-level
+tokenizers built in memory. Every rank that calls it with the same seed gets
+the same weights, so a parallel run can be checked against a single process.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FLUX_DEV_TRANSFORMER = dict(  # FLUX.1-dev's transformer/config.json
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+    guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+
+TINY_FLUX_TRANSFORMER = dict(
+    patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+    num_attention_heads=8, joint_attention_dim=32, pooled_projection_dim=32,
+    guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+
+_WORDS = ("a photo of cat dog tree house red blue green small large city night day "
+          "mountain river sky sun moon car bird flower painting portrait landscape").split()
+
+
+def _word_tokenizer(max_length: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<unk>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(_WORDS)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>",
+                                   eos_token="</s>", model_max_length=max_length)
+
+
+def tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(**TINY_FLUX_TRANSFORMER)
+    vocab = len(_WORDS) + 3
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=4,
+                                        max_position_embeddings=77, projection_dim=32,
+                                        pad_token_id=0, bos_token_id=1, eos_token_id=2))
+    t5 = T5EncoderModel(T5Config(vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                 num_heads=4, pad_token_id=0, eos_token_id=2))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+                        block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+                        shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False,
+                        use_post_quant_conv=False)
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip,
+                        tokenizer=_word_tokenizer(77), text_encoder_2=t5,
+                        tokenizer_2=_word_tokenizer(512), transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
