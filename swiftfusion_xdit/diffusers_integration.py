@@ -92,7 +92,7 @@ def parallelize_transformer(transformer: torch.nn.Module, strategy: str = "torus
     layout = plan_strategy(strategy, transformer.config.num_attention_heads, ulysses=ulysses,
                            torus=torus)
     if dist.get_rank() == 0:
-        log.warning("swiftfusion %s: %s; %s", strategy, layout.describe(), "; ".join(layout.notes))
+        log.info("swiftfusion %s: %s; %s", strategy, layout.describe(), "; ".join(layout.notes))
     if layout.dims.sp == 1:
         return layout  # one rank: nothing to split
     mesh = build_mesh(layout, device.type)
