@@ -60,6 +60,20 @@ def forward_ms(model, kw, repeats=5):
     return out, statistics.median(times)
 
 
+def all_to_all_busbw(mib=64, repeats=10):
+    """Bus bandwidth of a world all-to-all, to show which links the run really used."""
+    world = dist.get_world_size()
+    x = torch.randn(mib * 2**20 // 2, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty_like(x)
+    dist.all_to_all_single(y, x)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        dist.all_to_all_single(y, x)
+    torch.cuda.synchronize()
+    return mib * 2**20 * (world - 1) / world / ((time.perf_counter() - t) / repeats) / 1e9
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--nodes", type=int, default=1)
@@ -75,6 +89,7 @@ def main():
     from swiftfusion_xdit.diffusers_integration import ensure_distributed, parallelize_transformer
     ensure_distributed()
     result = {"device": torch.cuda.get_device_name(), "world": world, "nodes": args.nodes,
+              "world_all_to_all_busbw_GBps_64MiB": all_to_all_busbw(),
               "model": "FLUX.1-dev transformer config, random bf16 weights", "runs": []}
     sizes = [int(s) for s in args.sizes.split(",")]
     refs = {}

@@ -57,7 +57,8 @@ def ensure_distributed() -> torch.device:
         if "RANK" not in os.environ:
             raise RuntimeError("enable_parallel needs torch.distributed: launch with torchrun "
                                "(or swiftfusion-xdit generate), or call init_process_group first")
-        dist.init_process_group("nccl" if cuda else "gloo")
+        device_id = torch.device("cuda", torch.cuda.current_device()) if cuda else None
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device_id)
     return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
 
 
