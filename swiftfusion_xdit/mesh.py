@@ -90,13 +90,15 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def plan_layout(topology: Topology, num_heads: int, *, ulysses: int | None = None,
+def plan_layout(topology: Topology, num_heads: int | None, *, ulysses: int | None = None,
                 torus: int | None = None, cfg: int = 1, dp: int = 1,
                 torus_exchange: str = "auto", check_placement: bool = True) -> TorusLayout:
     """Fill in missing degrees and validate; raises ``LayoutError`` with advice.
 
     ``check_placement=False`` lets a Ulysses group span machines: only for
     running the classic baselines (plain Ulysses over several machines).
+    ``num_heads=None`` (not known yet, e.g. before xfuser loads the model)
+    skips the head checks; Torus Attention then checks at its first call.
     """
     world, per_node = topology.world_size, topology.gpus_per_node
     notes: list[str] = []
@@ -109,9 +111,10 @@ def plan_layout(topology: Topology, num_heads: int, *, ulysses: int | None = Non
     sp = world // (cfg * dp)
 
     if ulysses is None and torus is None:
-        ulysses = _auto_ulysses(sp, per_node, num_heads)
-        notes.append(f"ulysses={ulysses}: the largest degree that divides the {num_heads} heads "
-                     f"and fits in one machine's {per_node} ranks")
+        ulysses = _auto_ulysses(sp, per_node, num_heads or 1)
+        heads = f"divides the {num_heads} heads and " if num_heads else ""
+        notes.append(f"ulysses={ulysses}: the largest degree that {heads}"
+                     f"fits in one machine's {per_node} ranks")
     elif ulysses is None:
         if sp % torus:
             raise LayoutError(f"torus degree {torus} does not divide the sequence-parallel size {sp} "
@@ -130,7 +133,7 @@ def plan_layout(topology: Topology, num_heads: int, *, ulysses: int | None = Non
         raise LayoutError(f"dp {dp} x cfg {cfg} x torus {torus} x ulysses {ulysses} = "
                           f"{dims.world_size}, but {world} ranks are running; the product must "
                           f"equal the world size")
-    if num_heads % ulysses:
+    if num_heads and num_heads % ulysses:
         good = [d for d in _divisors(num_heads) if sp % d == 0 and d <= per_node]
         raise LayoutError(f"{num_heads} attention heads are not divisible by ulysses degree "
                           f"{ulysses}; ulysses degrees that work here: {good}")
@@ -144,10 +147,14 @@ def plan_layout(topology: Topology, num_heads: int, *, ulysses: int | None = Non
 
 def _auto_ulysses(sp: int, per_node: int, num_heads: int) -> int:
     reach = min(sp, per_node)  # ranks of one SP group that share a machine
-    return max(d for d in _divisors(reach) if sp % d == 0 and num_heads % d == 0)
+    fits_heads = (lambda d: num_heads % d == 0) if num_heads > 1 else (lambda d: True)
+    return max(d for d in _divisors(reach) if sp % d == 0 and fits_heads(d))
 
 
-def _torus_exchange(num_heads: int, dims: ParallelDims, requested: str, notes: list[str]) -> str:
+def _torus_exchange(num_heads: int | None, dims: ParallelDims, requested: str,
+                    notes: list[str]) -> str:
+    if num_heads is None:
+        return requested  # "auto": decided per call from the heads it sees
     fits_a2a = num_heads % dims.sp == 0
     if requested == "auto":
         if dims.torus > 1 and not fits_a2a:
@@ -168,7 +175,8 @@ def _check_ulysses_inside_machines(layout: TorusLayout) -> None:
         if len({node[r] for r in group}) > 1:
             per_node = layout.topology.gpus_per_node
             d = layout.dims
-            good = [u for u in _divisors(per_node) if d.sp % u == 0 and layout.num_heads % u == 0]
+            good = [u for u in _divisors(per_node)
+                    if d.sp % u == 0 and (layout.num_heads or u) % u == 0]
             raise LayoutError(
                 f"ulysses degree {d.ulysses} puts one all-to-all group on several machines "
                 f"(ranks {group}), but each machine has {per_node} ranks; keep the all-to-all "

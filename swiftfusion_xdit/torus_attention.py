@@ -70,7 +70,7 @@ class SPGroups:
 
     ulysses: dist.ProcessGroup | None
     torus: dist.ProcessGroup | None
-    exchange: str = "a2a"  # or "kv"
+    exchange: str = "a2a"  # or "kv"; "auto": a2a when the heads split over ulysses x torus
 
     @property
     def ulysses_size(self) -> int:
@@ -102,7 +102,10 @@ def torus_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: S
     transport = transport or resolve_transport("auto")
     U, T = groups.ulysses_size, groups.torus_size
     H, D = q.shape[1], q.shape[3]
-    _check_heads(H, U, T, groups.exchange)
+    exchange = groups.exchange
+    if exchange == "auto":
+        exchange = "a2a" if H % (U * T) == 0 else "kv"
+    _check_heads(H, U, T, exchange)
     scale = scale if scale is not None else D ** -0.5
     attend = pick_kernel(q, kernel)
 
@@ -112,7 +115,7 @@ def torus_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: S
 
     if T == 1:
         out, joint_out = _local(qkv, joint, attend, scale)
-    elif groups.exchange == "a2a":
+    elif exchange == "a2a":
         out, joint_out = _torus_a2a(qkv, joint, groups.torus, transport, attend, scale)
     else:
         out, joint_out = _torus_kv(qkv, joint, groups.torus, transport, attend, scale)
@@ -120,7 +123,7 @@ def torus_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: S
     out = _heads_to_seq(out, groups.ulysses, transport)
     if joint is None or joint.q is None:
         return out
-    if groups.exchange == "a2a":
+    if exchange == "a2a" and T > 1:
         joint_out = _gather_heads(joint_out, groups.torus)
     return out, _gather_heads(joint_out, groups.ulysses)
 

@@ -1,0 +1,227 @@
+"""xDiT glue: ``--sp-strategy {usp,torus}`` on the stock xfuser 0.7.0 CLI.
+
+Loading: the wheel ships ``swiftfusion_xdit.pth``; Python runs it at start-up
+and it registers an import hook (``_autoload``) that calls ``install()`` the
+moment ``xfuser.config.args`` is imported. Nothing of xfuser is imported
+early and no xfuser file is edited. Opt out with ``SWIFTFUSION_XDIT_DISABLE=1``.
+
+``install()`` wraps four ``xFuserArgs`` methods:
+* ``add_cli_args`` / ``add_runner_args`` add ``--sp-strategy`` (default
+  ``usp``: xfuser behaves exactly as before) and ``--sp-comm``;
+* ``from_cli_args`` / ``from_runner_args`` carry them onto the args object;
+* ``create_config`` -- for ``torus`` only -- fills in degrees the user left
+  out (``--ulysses_degree`` = all-to-all inside a machine, ``--ring_degree``
+  = torus across machines, so the ``xdit`` launcher's GPU count still works),
+  refuses what torus cannot run, lets xfuser build its groups, checks them
+  against the topology-aware plan, and routes xfuser's ``USP(...)`` to Torus
+  Attention in every module that imported it.
+
+Adapters covered: every xfuser attention path that calls ``USP(...)`` --
+Flux, Flux2, SD3/PixArt/Latte (``xFuserJointAttnProcessor2_0``,
+``xFuserAttnProcessor2_0``), HunyuanDiT, HunyuanVideo (1.0, 1.5), CogVideoX,
+ConsisID, Qwen-Image, Z-Image, Lumina2, Krea2, Cosmos3, LTX2, Ideogram4,
+Lingbot-video, Wan (its ``USP`` calls). Not covered, refused when reached:
+calls carrying a KV cache (PipeFusion), FP8 communication, grouped-query K/V
+(``kv_head_repeat > 1``), masks or padding passed in ``attention_kwargs``,
+dropout or causal attention; Step-Video's customised attention and the Sana
+linear attention, which do not go through ``USP``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import torch
+import torch.distributed as dist
+
+from .mesh import LayoutError, TorusLayout, build_mesh, plan_layout
+from .topology import detect_topology
+from .torus_attention import Joint, SPGroups, torus_attention
+from .transport import resolve_transport
+
+log = logging.getLogger(__name__)
+
+SP_STRATEGIES = ("usp", "torus")
+_STATE: dict = {"groups": None, "transport": None, "original_usp": None}
+
+
+def add_arguments(parser) -> None:
+    group = parser.add_argument_group("SwiftFusion (swiftfusion-xdit)")
+    group.add_argument("--sp-strategy", "--sp_strategy", dest="sp_strategy", default="usp",
+                       choices=SP_STRATEGIES,
+                       help="sequence-parallel strategy: 'usp' (xDiT's Ulysses x Ring) or 'torus' "
+                            "(Ulysses inside a machine, Torus Attention across machines; "
+                            "--ring_degree is then the torus degree)")
+    group.add_argument("--sp-comm", "--sp_comm", dest="sp_comm", default="auto",
+                       choices=("auto", "nccl", "nvshmem"),
+                       help="transport for the torus: auto picks NVSHMEM when it initialises, else NCCL")
+
+
+def install() -> None:
+    """Wrap xFuserArgs; idempotent."""
+    from xfuser.config.args import xFuserArgs
+    if getattr(xFuserArgs, "_swiftfusion", False):
+        return
+    for name in ("add_cli_args", "add_runner_args"):
+        setattr(xFuserArgs, name, staticmethod(_with_arguments(getattr(xFuserArgs, name))))
+    from_cli, from_runner = xFuserArgs.from_cli_args.__func__, xFuserArgs.from_runner_args.__func__
+    xFuserArgs.from_cli_args = classmethod(
+        lambda cls, args: _carry(from_cli(cls, args), vars(args)))
+    xFuserArgs.from_runner_args = classmethod(
+        lambda cls, args: _carry(from_runner(cls, args), args))
+    create_config = xFuserArgs.create_config
+    xFuserArgs.create_config = lambda self: _create_config(self, create_config)
+    xFuserArgs._swiftfusion = True
+
+
+def _with_arguments(add):
+    def add_with_ours(parser):
+        result = add(parser)
+        add_arguments(parser)
+        return result
+    return add_with_ours
+
+
+def _carry(engine_args, values: dict):
+    engine_args.sp_strategy = values.get("sp_strategy", "usp")
+    engine_args.sp_comm = values.get("sp_comm", "auto")
+    return engine_args
+
+
+def _create_config(engine_args, create_config):
+    if getattr(engine_args, "sp_strategy", "usp") != "torus":
+        return create_config(engine_args)
+    if not dist.is_initialized():
+        from xfuser.core.distributed import init_distributed_environment
+        init_distributed_environment()
+    layout = plan_xfuser_torus(engine_args)
+    configs = create_config(engine_args)
+    enable_torus(layout, engine_args.sp_comm)
+    return configs
+
+
+def plan_xfuser_torus(engine_args) -> TorusLayout:
+    """Check the xfuser arguments for torus and fill in the SP degrees (collective)."""
+    if engine_args.pipefusion_parallel_degree > 1:
+        raise LayoutError("--sp-strategy torus does not compose with PipeFusion "
+                          f"(--pipefusion_parallel_degree {engine_args.pipefusion_parallel_degree}); "
+                          "use --pipefusion_parallel_degree 1, or --sp-strategy usp")
+    if getattr(engine_args, "use_fp8_comms", False):
+        raise LayoutError("--sp-strategy torus does not support --use_fp8_comms yet; drop one of them")
+    if engine_args.tensor_parallel_degree > 1:
+        raise LayoutError("--sp-strategy torus does not compose with tensor parallelism; "
+                          "use --tensor_parallel_degree 1")
+    topo = detect_topology()
+    cfg = 2 if engine_args.use_cfg_parallel else 1
+    given = (engine_args.ulysses_degree, engine_args.ring_degree)
+    ulysses, torus = given
+    if given == (1, 1) and topo.world_size > cfg * engine_args.data_parallel_degree:
+        ulysses = torus = None  # left out: the mesh builder chooses
+    layout = plan_layout(topo, None, ulysses=ulysses, torus=torus, cfg=cfg,
+                         dp=engine_args.data_parallel_degree)
+    if topo.ranks_by_node != list(range(topo.world_size)):
+        raise LayoutError("ranks are not numbered machine by machine, so xfuser's groups would not "
+                          "follow the machines; launch with torchrun's default rank order")
+    engine_args.ulysses_degree, engine_args.ring_degree = layout.dims.ulysses, layout.dims.torus
+    if dist.get_rank() == 0:
+        log.warning("swiftfusion torus: %s%s", layout.describe(),
+                    "".join(f"; {n}" for n in layout.notes))
+    return layout
+
+
+def enable_torus(layout: TorusLayout, comm: str = "auto") -> None:
+    """Build our groups (same rank layout as xfuser's) and route USP to Torus Attention."""
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    mesh = build_mesh(layout, device)
+    _STATE.update(groups=SPGroups(mesh.ulysses_group, mesh.torus_group, "auto"),
+                  transport=resolve_transport(comm), layout=layout)
+    _route_usp_everywhere()
+
+
+def _route_usp_everywhere() -> None:
+    import xfuser.model_executor.layers.usp as usp_module
+    original = _STATE["original_usp"] or usp_module.USP
+    _STATE["original_usp"] = original
+    for name, module in list(sys.modules.items()):
+        if name.startswith("xfuser") and getattr(module, "USP", None) is original:
+            module.USP = torus_usp
+    _AfterImport.install()
+
+
+class _AfterImport:
+    """Route USP in xfuser modules imported after torus was enabled."""
+
+    @staticmethod
+    def install():
+        import importlib.abc
+        import importlib.util
+
+        class Finder(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if not name.startswith("xfuser.model_executor") or self._busy:
+                    return None
+                self._busy = True
+                try:
+                    spec = importlib.util.find_spec(name)
+                finally:
+                    self._busy = False
+                if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+                    return spec
+                load = spec.loader.exec_module
+
+                def exec_module(module):
+                    load(module)
+                    if getattr(module, "USP", None) is _STATE["original_usp"]:
+                        module.USP = torus_usp
+                spec.loader.exec_module = exec_module
+                return spec
+
+        if not any(type(f).__name__ == "Finder" and f.__module__ == __name__ for f in sys.meta_path):
+            finder = Finder()
+            finder._busy = False
+            sys.meta_path.insert(0, finder)
+
+
+def torus_usp(query, key, value, dropout_p=0.0, is_causal=False, joint_query=None, joint_key=None,
+              joint_value=None, joint_strategy=None, attn_layer=None, combine_qkv_a2a=None,
+              backend=None, attention_kwargs=None, head_balance_layer=None, kv_head_repeat=1):
+    """xfuser's ``USP(...)`` contract, computed by Torus Attention.
+
+    Inputs (B, H, S_local, D); joint tensors replicated with all heads. The
+    output is (B, H, S_joint + S_local, D) with the joint part in front or
+    rear, like xfuser's.
+    """
+    _refuse_unsupported(dropout_p, is_causal, attn_layer, attention_kwargs, kv_head_repeat,
+                        joint_strategy)
+    joint = None
+    if joint_strategy:
+        joint = Joint(joint_query, joint_key, joint_value)
+    result = torus_attention(query, key, value, _STATE["groups"], joint=joint,
+                             transport=_STATE["transport"])
+    if joint is None:
+        return result
+    out, joint_out = result
+    parts = (joint_out, out) if joint_strategy == "front" else (out, joint_out)
+    return torch.cat(parts, dim=2)
+
+
+def _refuse_unsupported(dropout_p, is_causal, attn_layer, attention_kwargs, kv_head_repeat,
+                        joint_strategy) -> None:
+    problems = []
+    if dropout_p or is_causal:
+        problems.append("dropout or causal attention")
+    if kv_head_repeat > 1:
+        problems.append(f"grouped-query K/V (kv_head_repeat={kv_head_repeat})")
+    if attention_kwargs:
+        problems.append(f"attention_kwargs {sorted(attention_kwargs)} (masks/padding)")
+    if joint_strategy not in (None, "front", "rear"):
+        problems.append(f"joint_strategy {joint_strategy!r}")
+    if attn_layer is not None:
+        from xfuser.model_executor.layers.usp import _has_kv_cache
+        if _has_kv_cache(attn_layer):
+            problems.append("a PipeFusion KV cache")
+    if problems:
+        raise NotImplementedError(
+            "--sp-strategy torus cannot run this attention call: it uses " + ", ".join(problems)
+            + ". This model adapter is not covered by torus; run it with --sp-strategy usp.")
