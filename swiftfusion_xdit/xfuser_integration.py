@@ -141,6 +141,9 @@ def enable_torus(layout: TorusLayout, comm: str = "auto") -> None:
 
 def _route_usp_everywhere() -> None:
     import xfuser.model_executor.layers.usp as usp_module
+    if hasattr(usp_module, "set_sp_strategy"):  # xfuser carries patches/ (the plugin point)
+        usp_module.set_sp_strategy(torus_usp)
+        return
     original = _STATE["original_usp"] or usp_module.USP
     _STATE["original_usp"] = original
     for name, module in list(sys.modules.items()):
@@ -225,3 +228,20 @@ def _refuse_unsupported(dropout_p, is_causal, attn_layer, attention_kwargs, kv_h
         raise NotImplementedError(
             "--sp-strategy torus cannot run this attention call: it uses " + ", ".join(problems)
             + ". This model adapter is not covered by torus; run it with --sp-strategy usp.")
+
+
+class TorusStrategy:
+    """Entry point ``xfuser.sp_strategies: torus`` for an xfuser that carries
+    ``patches/xfuser-0.7.0-sp-strategy-plugin-point.diff``: no start-up hook needed."""
+
+    def prepare(self, engine_args) -> None:
+        if not dist.is_initialized():
+            from xfuser.core.distributed import init_distributed_environment
+            init_distributed_environment()
+        self.layout = plan_xfuser_torus(engine_args)
+
+    def activate(self, engine_args, engine_config) -> None:
+        enable_torus(self.layout, getattr(engine_args, "sp_comm", "auto"))
+
+
+TORUS = TorusStrategy()

@@ -130,3 +130,21 @@ def _refusals(rank, world):
 
 def test_refusals_and_cfg_placement():
     run_ranks(_refusals, 2, 2)
+
+
+def test_upstream_patch_applies_to_released_xfuser(tmp_path):
+    """patches/ is a unified diff against xfuser 0.7.0 as released (the installed wheel's files)."""
+    import importlib.util
+    import py_compile
+    import shutil
+    src = importlib.util.find_spec("xfuser").submodule_search_locations[0]
+    for rel in ("config/args.py", "model_executor/layers/usp.py"):
+        os.makedirs(tmp_path / "xfuser" / os.path.dirname(rel), exist_ok=True)
+        shutil.copy(os.path.join(src, rel), tmp_path / "xfuser" / rel)
+    patch = os.path.join(ROOT, "patches", "xfuser-0.7.0-sp-strategy-plugin-point.diff")
+    subprocess.run(["git", "apply", "--check", "-p1", patch], cwd=tmp_path, check=True)
+    subprocess.run(["git", "apply", "-p1", patch], cwd=tmp_path, check=True)
+    for rel in ("config/args.py", "model_executor/layers/usp.py"):
+        py_compile.compile(str(tmp_path / "xfuser" / rel), doraise=True)
+    patched = (tmp_path / "xfuser" / "model_executor/layers/usp.py").read_text()
+    assert "def set_sp_strategy(attention_fn)" in patched and "return _SP_ATTENTION(*args, **kwargs)" in patched
