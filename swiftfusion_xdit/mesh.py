@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from .topology import Topology
+from .torus_attention import choose_exchange
 
 DIM_NAMES = ("dp", "cfg", "torus", "ulysses")
 
@@ -157,10 +158,14 @@ def _torus_exchange(num_heads: int | None, dims: ParallelDims, requested: str,
         return requested  # "auto": decided per call from the heads it sees
     fits_a2a = num_heads % dims.sp == 0
     if requested == "auto":
+        choice = choose_exchange(num_heads, dims.ulysses, dims.torus)
         if dims.torus > 1 and not fits_a2a:
             notes.append(f"torus exchange 'kv': {num_heads} heads do not split over "
                          f"ulysses x torus = {dims.sp}, so K/V travel instead of heads")
-        return "a2a" if fits_a2a else "kv"
+        elif dims.torus == 2:
+            notes.append("torus exchange 'kv': with 2 machines it moves the same bytes as "
+                         "'a2a' and has no output return to wait for")
+        return choice
     if requested == "a2a" and not fits_a2a:
         raise LayoutError(f"torus exchange 'a2a' needs heads divisible by ulysses x torus = "
                           f"{dims.sp}, but there are {num_heads} heads; use 'kv' or 'auto'")

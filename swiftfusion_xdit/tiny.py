@@ -60,3 +60,48 @@ def tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
                         tokenizer_2=_word_tokenizer(512), transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+FLUX_DEV_VAE = dict(  # FLUX.1-dev's vae/config.json
+    in_channels=3, out_channels=3, latent_channels=16,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
+    sample_size=1024, shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False,
+    use_post_quant_conv=False, force_upcast=True)
+
+
+def flux_dev_random_pipeline(seed: int = 0, device: str = "cuda", dtype=torch.bfloat16,
+                             transformer_cls=None):
+    """FluxPipeline with FLUX.1-dev's real transformer and VAE configs, random weights.
+
+    The text encoders keep the real output widths (CLIP pooled 768, T5 4096)
+    but have one layer and a word-level vocabulary: they only feed the
+    transformer, and latency of a denoising step does not depend on them.
+    The transformer (12B parameters) is initialised directly on ``device``.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    vocab = len(_WORDS) + 3
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=vocab, hidden_size=768, intermediate_size=3072,
+                                        num_hidden_layers=1, num_attention_heads=12,
+                                        max_position_embeddings=77, projection_dim=768,
+                                        pad_token_id=0, bos_token_id=1, eos_token_id=2))
+    t5 = T5EncoderModel(T5Config(vocab_size=vocab, d_model=4096, d_kv=64, d_ff=1024, num_layers=1,
+                                 num_heads=64, pad_token_id=0, eos_token_id=2))
+    vae = AutoencoderKL(**FLUX_DEV_VAE)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                max_shift=1.15, base_image_seq_len=256,
+                                                max_image_seq_len=4096)
+    torch.manual_seed(seed + 1)
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            transformer = (transformer_cls or FluxTransformer2DModel)(**FLUX_DEV_TRANSFORMER)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=_word_tokenizer(77),
+                        text_encoder_2=t5, tokenizer_2=_word_tokenizer(512), transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device=device, dtype=dtype)

@@ -47,9 +47,10 @@ Bytes one GPU sends per attention layer, X = (S/(T*U)) * H * D * bytes
   torus a2a (U x T)   4X (U-1)/U           4X (T-1)/T, direct peer steps
   torus kv  (U x T)   4X (U-1)/U           2X (T-1), direct peer steps
 
-At T=2 torus a2a and USP move the same bytes; at T=4 torus moves half, at
-T=8 a quarter, and every step overlaps with attention on blocks that
-already arrived.
+At T=2 torus a2a, torus kv and USP move the same bytes, and ``auto`` takes
+kv (no output return after the last block); at T=4 a2a moves half of what
+kv/USP move, at T=8 a quarter, and every step overlaps with attention on
+blocks that already arrived.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class SPGroups:
 
     ulysses: dist.ProcessGroup | None
     torus: dist.ProcessGroup | None
-    exchange: str = "a2a"  # or "kv"; "auto": a2a when the heads split over ulysses x torus
+    exchange: str = "a2a"  # or "kv"; "auto": see choose_exchange
 
     @property
     def ulysses_size(self) -> int:
@@ -104,7 +105,7 @@ def torus_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: S
     H, D = q.shape[1], q.shape[3]
     exchange = groups.exchange
     if exchange == "auto":
-        exchange = "a2a" if H % (U * T) == 0 else "kv"
+        exchange = choose_exchange(H, U, T)
     _check_heads(H, U, T, exchange)
     scale = scale if scale is not None else D ** -0.5
     attend = pick_kernel(q, kernel)
@@ -126,6 +127,16 @@ def torus_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: S
     if exchange == "a2a" and T > 1:
         joint_out = _gather_heads(joint_out, groups.torus)
     return out, _gather_heads(joint_out, groups.ulysses)
+
+
+def choose_exchange(heads: int, ulysses: int, torus: int) -> str:
+    """``a2a`` where it moves fewer bytes (T > 2) and the heads split; else ``kv``.
+
+    At T == 2 both move 2X per GPU, but ``kv`` sends it all in one step under
+    the local block and has no output return after the last block, so it
+    finishes sooner (measured on an emulated 2-machine link: see NOTES.md).
+    """
+    return "a2a" if torus > 2 and heads % (ulysses * torus) == 0 else "kv"
 
 
 def _check_heads(H: int, U: int, T: int, exchange: str) -> None:
@@ -218,24 +229,46 @@ def _local(qkv, joint: Joint | None, attend: Kernel, scale: float):
 
 
 def _torus_kv(qkv, joint: Joint | None, group, transport: Transport, attend: Kernel, scale):
-    """Gather the other machines' K,V in T-1 shifted steps; queries stay home."""
+    """Gather the other machines' K,V while attending to our own; queries stay home."""
     T, t = dist.get_world_size(group), dist.get_rank(group)
     q, k, v = qkv
     jq = None if joint is None else joint.q
     q_all = _with_joint(q, jq)
     out, lse = _accumulators(q_all)
     kv_own = qkv[1:].contiguous()
-    pending = _post(transport, kv_own, (t + 1) % T, (t - 1) % T, group)
+    with record_function("torus_exchange"):
+        incoming = _kv_arrivals(transport, kv_own, t, T, group)
+        next(incoming)  # start the exchange; the local block runs under it
     _attend_into(attend, scale, q_all, _with_joint(k, joint and joint.k),
                  _with_joint(v, joint and joint.v), out, lse)
-    for step in range(1, T):
-        kv = pending.wait()
-        if step + 1 < T:
-            pending = _post(transport, kv_own, (t + step + 1) % T, (t - step - 1) % T, group)
+    for kv in incoming:
         _attend_into(attend, scale, q_all, kv[0], kv[1], out, lse)
     out = out.to(q.dtype)
     nj = 0 if jq is None else jq.shape[2]
     return out[:, :, nj:], out[:, :, :nj]
+
+
+def _kv_arrivals(transport: Transport, kv_own: torch.Tensor, t: int, T: int, group):
+    """Start sending our K,V (first ``next``), then yield the others' as they land.
+
+    A transport that offers a collective all-gather gets one (NCCL's ring
+    all-gather outruns its send/recv on network links); otherwise T-1 shifted
+    peer steps, each posted before the previous block is computed.
+    """
+    if hasattr(transport, "all_gather"):
+        pending = transport.all_gather(kv_own, group)
+        yield None
+        every = pending.wait()
+        for step in range(1, T):
+            yield every[(t - step) % T]
+        return
+    pending = _post(transport, kv_own, (t + 1) % T, (t - 1) % T, group)
+    yield None
+    for step in range(1, T):
+        kv = pending.wait()
+        if step + 1 < T:
+            pending = _post(transport, kv_own, (t + step + 1) % T, (t - step - 1) % T, group)
+        yield kv
 
 
 class _SlotBuffers:

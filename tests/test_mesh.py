@@ -33,13 +33,20 @@ def test_four_machines_of_eight():
     assert any("kv" in note for note in layout.notes)
 
 
-def test_four_machines_of_eight_with_cfg_keeps_a2a_torus():
+def test_four_machines_of_eight_with_cfg_puts_cfg_across_and_torus_of_two_gathers_kv():
     layout = plan_layout(Topology.uniform(4, 8), FLUX_HEADS, cfg=2)
     assert layout.dims.shape == (1, 2, 2, 8)
     assert layout.torus_exchange == "kv"  # 24 % 16 != 0
     layout = plan_layout(Topology.uniform(4, 8), 32, cfg=2)
-    assert layout.torus_exchange == "a2a"
     assert all(len(m) == 2 for m in machines(layout, "cfg"))
+    # heads split, but with 2 machines a2a saves no bytes and adds an output return
+    assert layout.torus_exchange == "kv"
+    assert any("2 machines" in note for note in layout.notes)
+
+
+def test_torus_of_four_with_heads_that_split_exchanges_heads():
+    layout = plan_layout(Topology.uniform(4, 8), 32)
+    assert (layout.dims.ulysses, layout.dims.torus, layout.torus_exchange) == (8, 4, "a2a")
 
 
 def test_one_machine_of_eight_is_ulysses_only():

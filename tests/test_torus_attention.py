@@ -41,7 +41,17 @@ def _cases(seed, world):
             yield dtype, joint, tokens, rng.randrange(2**31)
 
 
-def _check_grid(rank, world, nodes, per_node, seed, heads, exchange):
+class PeerStepsOnly:
+    """The gloo transport without its collective all-gather: K/V take T-1 peer steps
+    (the path one-sided transports use)."""
+
+    def __init__(self):
+        from swiftfusion_xdit.transport import TwoSidedTransport
+        self.inner, self.name = TwoSidedTransport("gloo"), "gloo-peer-steps"
+        self.all_to_all, self.exchange = self.inner.all_to_all, self.inner.exchange
+
+
+def _check_grid(rank, world, nodes, per_node, seed, heads, exchange, peer_steps=False):
     topo = detect_topology()
     assert topo.num_nodes == nodes and topo.gpus_per_node == per_node
     layout = plan_layout(topo, heads, ulysses=per_node, torus=nodes, torus_exchange=exchange)
@@ -57,7 +67,8 @@ def _check_grid(rank, world, nodes, per_node, seed, heads, exchange):
         shard = tokens // world
         lo = mesh.sp_rank * shard
         local = [x[:, :, lo:lo + shard] for x in full]
-        result = torus_attention(*local, groups, joint=joint)
+        result = torus_attention(*local, groups, joint=joint,
+                                 transport=PeerStepsOnly() if peer_steps else None)
         out, joint_out = result if isinstance(result, tuple) else (result, None)
         ref, joint_ref = reference(*full, joint)
         err = rel_err(out, ref[:, :, lo:lo + shard])
@@ -82,3 +93,11 @@ def test_kv_exchange_when_heads_do_not_split(nodes, per_node, heads):
 
 def test_kv_exchange_forced():
     run_ranks(_check_grid, 2, 2, 2, 2, random.randrange(2**31), HEADS, "kv")
+
+
+def test_a2a_exchange_forced_with_two_machines():
+    run_ranks(_check_grid, 2, 2, 2, 2, random.randrange(2**31), HEADS, "a2a")
+
+
+def test_kv_exchange_by_peer_steps():
+    run_ranks(_check_grid, 3, 1, 3, 1, random.randrange(2**31), HEADS, "kv", True)

@@ -17,6 +17,11 @@ def test_nvshmem_on_cpu_says_it_needs_a_gpu():
         tr.resolve_transport("nvshmem")
 
 
+def test_nvshmem_refused_under_emulated_machines(monkeypatch):
+    monkeypatch.setenv("NCCL_HOSTID", "node1")
+    assert "does not honour" in tr.unavailable_reason("nvshmem")
+
+
 def test_nccl_on_cpu_says_it_needs_cuda():
     with pytest.raises(RuntimeError, match="NCCL needs a CUDA GPU"):
         tr.resolve_transport("nccl")

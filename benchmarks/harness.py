@@ -1,0 +1,157 @@
+"""Side-by-side benchmark: torus vs xDiT USP, PipeFusion and diffusers CP.
+
+    python benchmarks/harness.py --gpus 4 --topologies 1x4,2x2,4x1 --out benchmarks/results/h200x4
+
+One session, the same GPUs, the same inputs (FLUX.1-dev's real configs,
+random bf16 weights). Each configuration is its own torchrun job:
+
+* ``xdit``: xDiT's runner (``benchmarks/xdit_random_flux.py``) for a one-GPU
+  reference, every (ulysses, ring) split of USP, PipeFusion, and
+  ``--sp-strategy torus``; median denoising-step latency after warm-up and
+  the final latents, compared with the one-GPU latents.
+* ``diffusers``: one forward of the transformer (= one step without CFG)
+  with diffusers' native context parallelism (ulysses, ring, unified) and
+  with torus over NCCL and NVSHMEM (``benchmarks/flux_device_check.py``).
+* ``probe``: per topology, the link bandwidths measured in the same session
+  (``benchmarks/link_probe.py``); multi-machine rows state them.
+
+Machines are emulated on one host with ``NCCL_HOSTID`` per rank (NCCL's
+network transport between "machines"). Writes one JSON per job and
+``harness.json``; ``benchmarks/report.py`` turns that into the Markdown
+table and the plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def torchrun(nproc: int, script: str, args: list[str], log_path: str, timeout: int) -> int:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           "--master-port=29533", os.path.join(HERE, script), *args]
+    with open(log_path, "w") as log:
+        try:
+            return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            return 124
+
+
+def xdit_jobs(gpus: int, nodes: int, size: int, steps: int):
+    """(name, nproc, args) for every xDiT configuration on this topology."""
+    common = ["--model", "FLUX.1-dev-random", "--height", str(size), "--width", str(size),
+              "--num_inference_steps", str(steps), "--prompt", "a photo of a cat", "--seed", "42"]
+    if nodes > 1:
+        common += ["--emulate-nodes", str(nodes)]
+    jobs = []
+    for ulysses in (d for d in range(1, gpus + 1) if gpus % d == 0):
+        ring = gpus // ulysses
+        jobs.append((f"xdit-usp-u{ulysses}r{ring}", gpus,
+                     common + ["--ulysses_degree", str(ulysses), "--ring_degree", str(ring)]))
+    jobs.append((f"xdit-pipefusion-{gpus}", gpus, common + ["--pipefusion_parallel_degree", str(gpus)]))
+    jobs.append(("xdit-torus-nccl", gpus, common + ["--sp-strategy", "torus", "--sp-comm", "nccl"]))
+    return jobs
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+class Progress:
+    def __init__(self, total: int):
+        self.total, self.done, self.start = total, 0, time.time()
+
+    def show(self, name: str, note: str):
+        self.done += 1
+        print(f"[{self.done}/{self.total} {time.time() - self.start:5.0f}s] {name}: {note}", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--gpus", type=int, default=torch.cuda.device_count())
+    ap.add_argument("--topologies", default=None, help="machines x GPUs, e.g. 1x4,2x2 (default: 1xN, 2x(N/2))")
+    ap.add_argument("--suites", default="probe,xdit,diffusers")
+    ap.add_argument("--sizes", default="1024")
+    ap.add_argument("--diffusers-sizes", default="1024,2048")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--timeout", type=int, default=300)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    g = args.gpus
+    topologies = [tuple(map(int, t.split("x"))) for t in
+                  (args.topologies or f"1x{g},{2}x{g // 2}").split(",")]
+    suites = args.suites.split(",")
+    os.makedirs(args.out, exist_ok=True)
+    sizes = [int(s) for s in args.sizes.split(",")]
+
+    plan = []  # (kind, name, nproc, script, args, result file)
+    for nodes, per in topologies:
+        topo = f"{nodes}x{per}"
+        if "probe" in suites and nodes > 1:
+            out = os.path.join(args.out, f"probe_{topo}.json")
+            plan.append(("probe", f"probe {topo}", g, "link_probe.py", ["--nodes", str(nodes), "--out", out], out))
+    for size in sizes if "xdit" in suites else []:
+        ref_dir = os.path.join(args.out, f"xdit_{size}_1gpu")
+        ref_args = xdit_jobs(1, 1, size, args.steps)[0][2]
+        plan.append(("xdit", f"xdit 1 GPU {size}", 1, "xdit_random_flux.py",
+                     ref_args + ["--output_directory", ref_dir], ref_dir))
+        for nodes, per in topologies:
+            for name, nproc, job_args in xdit_jobs(g, nodes, size, args.steps):
+                run_dir = os.path.join(args.out, f"xdit_{size}_{nodes}x{per}_{name}")
+                plan.append(("xdit", f"{name} {nodes}x{per} {size}", nproc, "xdit_random_flux.py",
+                             job_args + ["--output_directory", run_dir], run_dir))
+    if "diffusers" in suites:
+        strategies = ["torus-nccl", "torus-nvshmem", "diffusers-ulysses", "diffusers-ring"]
+        strategies += ["diffusers-unified"] if g >= 4 else []
+        for nodes, per in topologies:
+            # NVSHMEM ignores NCCL_HOSTID: under emulation it would measure NVLink (refused)
+            run = [s for s in strategies if nodes == 1 or s != "torus-nvshmem"]
+            plan.append(("diffusers", f"diffusers {nodes}x{per}", g, "flux_device_check.py",
+                         ["--nodes", str(nodes), "--sizes", args.diffusers_sizes,
+                          "--strategies", ",".join(run), "--out", args.out],
+                         os.path.join(args.out, f"flux_check_{nodes}x{per}_nccl.json")))
+
+    progress, rows = Progress(len(plan)), []
+    refs: dict[int, torch.Tensor] = {}
+    for kind, name, nproc, script, job_args, result_path in plan:
+        log_path = (result_path.rstrip("/") if kind != "xdit" else result_path) + ".log"
+        rc = torchrun(nproc, script, job_args, log_path, args.timeout)
+        row = {"kind": kind, "name": name, "rc": rc, "log": os.path.basename(log_path)}
+        result_file = os.path.join(result_path, "result.json") if kind == "xdit" else result_path
+        if rc == 0 and os.path.exists(result_file):
+            with open(result_file) as f:
+                row["result"] = json.load(f)
+            if kind == "xdit":
+                latents = torch.load(os.path.join(result_path, "latents.pt"))
+                size = row["result"]["height"]
+                refs.setdefault(size, latents)
+                row["rel_err_vs_1gpu"] = rel_err(latents, refs[size])
+                os.remove(os.path.join(result_path, "latents.pt"))  # large; the error is what we keep
+        rows.append(row)
+        note = "FAILED (see log)" if rc else _summary(row)
+        progress.show(name, note)
+    with open(os.path.join(args.out, "harness.json"), "w") as f:
+        json.dump({"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                   "gpus": g, "topologies": [f"{n}x{p}" for n, p in topologies],
+                   "steps": args.steps, "rows": rows}, f, indent=2)
+
+
+def _summary(row) -> str:
+    r = row.get("result", {})
+    if row["kind"] == "xdit":
+        return f"{r.get('median_step_ms', float('nan')):.1f} ms/step, rel err {row.get('rel_err_vs_1gpu', 0):.2e}"
+    if row["kind"] == "probe":
+        return ", ".join(f"{k}={v:.1f}" for k, v in r.items() if k.endswith("GBps") or "GBps" in k)
+    return f"{len(r.get('runs', []))} runs"
+
+
+if __name__ == "__main__":
+    main()
