@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=int, default=None)
     g.add_argument("--steps", type=int, default=None)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--sp-strategy", default="torus", choices=("torus", "ulysses", "ring", "usp"))
+    g.add_argument("--sp-strategy", default="torus", choices=("torus", "ulysses", "ring", "usp", "auto"))
     g.add_argument("--ulysses-degree", type=int, default=None)
     g.add_argument("--torus-degree", type=int, default=None)
     g.add_argument("--sp-comm", default="auto", choices=("auto", "gloo", "nccl", "nvshmem"))
@@ -39,16 +39,62 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--check", action=argparse.BooleanOptionalAction, default=None,
                    help="compare with a single-process run (default: on for the embedded model)")
     g.add_argument("--output", default="swiftfusion.png")
+
+    p = sub.add_parser("plan", help="rank SP strategies for a model and cluster by predicted step time")
+    p.add_argument("--model", default="flux-dev", choices=("flux-dev", "wan2.1-14b"),
+                   help="transformer config (real configs, built in)")
+    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--frames", type=int, default=81, help="video models only")
+    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--gpus-per-node", type=int, required=True)
+    p.add_argument("--inter-bw", type=float, default=None,
+                   help="GB/s per GPU per direction between machines (400 Gb/s per GPU = 50)")
+    p.add_argument("--intra-bw", type=float, default=None, help="GB/s per GPU inside a machine")
+    p.add_argument("--hardware", default="h200", choices=("h200", "probe"),
+                   help="compute throughput: measured H200 numbers, or probe this machine (cached)")
+    p.add_argument("--include-approximate", action="store_true",
+                   help="also rank PipeFusion (stale activations: approximate output)")
     return ap
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
+    if args.command == "plan":
+        print(plan_report(args))
+        return
     if "RANK" not in os.environ:
         _relaunch_under_torchrun(args, argv)
     else:
         _generate(args)
+
+
+def plan_report(args) -> str:
+    import dataclasses
+
+    from . import planner
+    from .tiny import FLUX_DEV_TRANSFORMER
+    if args.model == "flux-dev":
+        shape = planner.ModelShape.flux(FLUX_DEV_TRANSFORMER, args.height, args.width)
+        what = f"FLUX.1-dev {args.height}x{args.width}"
+    else:
+        shape = planner.ModelShape.wan(planner.WAN21_14B, args.frames, args.height, args.width)
+        what = f"Wan2.1-14B {args.frames} frames {args.height}x{args.width}"
+    hw = planner.H200 if args.hardware == "h200" else planner.probe_hardware()
+    hw = dataclasses.replace(hw, **{k: v for k, v in (("inter_GBps", args.inter_bw),
+                                                       ("inter_collective_GBps", args.inter_bw),
+                                                       ("intra_GBps", args.intra_bw)) if v})
+    preds = planner.rank_plans(shape, hw, args.nodes, args.gpus_per_node, args.include_approximate)
+    lines = [f"{what}: {shape.tokens} tokens, {args.nodes} machine(s) x {args.gpus_per_node} GPU(s); "
+             f"GEMM {hw.gemm_tflops:.0f} / attention {hw.attention_tflops:.0f} TFLOP/s, links "
+             f"{hw.intra_GBps:.0f} GB/s inside, {hw.inter_GBps:.1f} GB/s between machines",
+             f"{'plan':<38} {'step ms':>9} {'compute':>9} {'a2a':>8} {'exchange':>9} {'hidden':>8}"]
+    for p in preds:
+        lines.append(f"{p.plan.describe():<38} {p.step_ms:9.1f} {p.compute_ms:9.1f} {p.intra_ms:8.1f} "
+                     f"{p.inter_ms:9.1f} {p.hidden_ms:8.1f}" + "".join(f"  [{w}]" for w in p.why))
+    lines.append(f"best: {preds[0].plan.describe()}")
+    return "\n".join(lines)
 
 
 def _relaunch_under_torchrun(args, argv: list[str]) -> None:

@@ -17,6 +17,7 @@ same path runs on CPU ranks and GPUs.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -36,7 +37,7 @@ from .transport import Transport, resolve_transport
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("torus", "ulysses", "ring", "usp")
+STRATEGIES = ("torus", "ulysses", "ring", "usp", "auto")
 
 
 @dataclass
@@ -63,12 +64,14 @@ def ensure_distributed() -> torch.device:
 
 
 def plan_strategy(strategy: str, num_heads: int, *, ulysses: int | None = None,
-                  torus: int | None = None) -> TorusLayout:
+                  torus: int | None = None, config=None) -> TorusLayout:
     """Map a strategy name onto the (torus, ulysses) grid; collective (gathers topology)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
     topo = detect_topology()
     sp = topo.world_size
+    if strategy == "auto":
+        return _auto_layout(topo, num_heads, config)
     if strategy == "torus":
         return plan_layout(topo, num_heads, ulysses=ulysses, torus=torus)
     # Baselines run on the same code with the classic layouts: placement not enforced.
@@ -78,6 +81,18 @@ def plan_strategy(strategy: str, num_heads: int, *, ulysses: int | None = None,
         return plan_layout(topo, num_heads, ulysses=1, torus=sp, torus_exchange="kv")
     return plan_layout(topo, num_heads, ulysses=ulysses, torus=torus, torus_exchange="kv",
                        check_placement=False)
+
+
+def _auto_layout(topo, num_heads: int, config) -> TorusLayout:
+    """The planner's best exact plan for this topology (cost model, H200 numbers)."""
+    from .planner import choose_for
+    best = choose_for(config, topo.num_nodes, topo.gpus_per_node)
+    plan = best.plan
+    layout = plan_layout(topo, num_heads, ulysses=plan.ulysses, torus=plan.across,
+                         torus_exchange=plan.exchange or "kv",
+                         check_placement=plan.strategy == "torus")
+    why = f"auto: planner chose {plan.describe()} (predicted {best.step_ms:.0f} ms per step at 1024x1024)"
+    return dataclasses.replace(layout, notes=(*layout.notes, why))
 
 
 def parallelize_transformer(transformer: torch.nn.Module, strategy: str = "torus", *,
@@ -91,7 +106,7 @@ def parallelize_transformer(transformer: torch.nn.Module, strategy: str = "torus
                          f"FluxTransformer2DModel, WanTransformer3DModel, QwenImageTransformer2DModel")
     device = ensure_distributed()
     layout = plan_strategy(strategy, transformer.config.num_attention_heads, ulysses=ulysses,
-                           torus=torus)
+                           torus=torus, config=transformer.config)
     if dist.get_rank() == 0:
         log.info("swiftfusion %s: %s; %s", strategy, layout.describe(), "; ".join(layout.notes))
     if layout.dims.sp == 1:

@@ -251,11 +251,13 @@ def _torus_kv(qkv, joint: Joint | None, group, transport: Transport, attend: Ker
 def _kv_arrivals(transport: Transport, kv_own: torch.Tensor, t: int, T: int, group):
     """Start sending our K,V (first ``next``), then yield the others' as they land.
 
-    A transport that offers a collective all-gather gets one (NCCL's ring
-    all-gather outruns its send/recv on network links); otherwise T-1 shifted
-    peer steps, each posted before the previous block is computed.
+    With two machines the exchange is a single step, and a transport that
+    offers a collective all-gather runs it as one (NCCL's ring all-gather
+    outruns its send/recv on network links). Otherwise T-1 shifted peer
+    steps, each posted before the previous block is computed, so every step
+    but the first hides under a block.
     """
-    if hasattr(transport, "all_gather"):
+    if T == 2 and hasattr(transport, "all_gather"):
         pending = transport.all_gather(kv_own, group)
         yield None
         every = pending.wait()

@@ -42,7 +42,7 @@ from .transport import resolve_transport
 
 log = logging.getLogger(__name__)
 
-SP_STRATEGIES = ("usp", "torus")
+SP_STRATEGIES = ("usp", "torus", "auto")
 _STATE: dict = {"groups": None, "transport": None, "original_usp": None}
 
 
@@ -50,9 +50,10 @@ def add_arguments(parser) -> None:
     group = parser.add_argument_group("SwiftFusion (swiftfusion-xdit)")
     group.add_argument("--sp-strategy", "--sp_strategy", dest="sp_strategy", default="usp",
                        choices=SP_STRATEGIES,
-                       help="sequence-parallel strategy: 'usp' (xDiT's Ulysses x Ring) or 'torus' "
+                       help="sequence-parallel strategy: 'usp' (xDiT's Ulysses x Ring), 'torus' "
                             "(Ulysses inside a machine, Torus Attention across machines; "
-                            "--ring_degree is then the torus degree)")
+                            "--ring_degree is then the torus degree), or 'auto' (the planner's "
+                            "best exact plan for this topology; FLUX.1 models)")
     group.add_argument("--sp-comm", "--sp_comm", dest="sp_comm", default="auto",
                        choices=("auto", "nccl", "nvshmem"),
                        help="transport for the torus: auto picks NVSHMEM when it initialises, else NCCL")
@@ -90,6 +91,8 @@ def _carry(engine_args, values: dict):
 
 
 def _create_config(engine_args, create_config):
+    if getattr(engine_args, "sp_strategy", "usp") == "auto":
+        choose_strategy(engine_args)
     if getattr(engine_args, "sp_strategy", "usp") != "torus":
         return create_config(engine_args)
     if not dist.is_initialized():
@@ -99,6 +102,29 @@ def _create_config(engine_args, create_config):
     configs = create_config(engine_args)
     enable_torus(layout, engine_args.sp_comm)
     return configs
+
+
+def choose_strategy(engine_args) -> None:
+    """``--sp-strategy auto``: set strategy and SP degrees from the planner (collective)."""
+    from .planner import choose_for
+    from .tiny import FLUX_DEV_TRANSFORMER
+    if "flux.1" not in str(engine_args.model).lower():
+        raise LayoutError(f"--sp-strategy auto knows the shapes of FLUX.1 models only, not "
+                          f"{engine_args.model!r}; pass --sp-strategy usp or torus")
+    if not dist.is_initialized():
+        from xfuser.core.distributed import init_distributed_environment
+        init_distributed_environment()
+    topo = detect_topology()
+    per_replica = topo.world_size // ((2 if engine_args.use_cfg_parallel else 1)
+                                      * engine_args.data_parallel_degree)
+    nodes = max(1, per_replica // topo.gpus_per_node)
+    best = choose_for(FLUX_DEV_TRANSFORMER, nodes, min(per_replica, topo.gpus_per_node),
+                      engine_args.height or 1024, engine_args.width or 1024)
+    engine_args.sp_strategy = best.plan.strategy
+    engine_args.ulysses_degree, engine_args.ring_degree = best.plan.ulysses, best.plan.across
+    if dist.get_rank() == 0:
+        log.warning("swiftfusion auto: %s (predicted %.0f ms per step)", best.plan.describe(),
+                    best.step_ms)
 
 
 def plan_xfuser_torus(engine_args) -> TorusLayout:

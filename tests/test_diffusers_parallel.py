@@ -42,7 +42,7 @@ def test_every_strategy_matches_single_process_1x4():
 
 
 def test_torus_and_usp_match_on_two_emulated_machines():
-    run_ranks(_check_strategies, 2, 2, ("torus", "usp"), 5)
+    run_ranks(_check_strategies, 2, 2, ("torus", "usp", "auto"), 5)
 
 
 def _check_errors(rank, world):

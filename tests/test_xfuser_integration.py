@@ -112,7 +112,7 @@ def test_config_flow_and_usp_routing_on_two_emulated_machines():
 
 def _refusals(rank, world):
     from swiftfusion_xdit.mesh import LayoutError
-    from swiftfusion_xdit.xfuser_integration import plan_xfuser_torus
+    from swiftfusion_xdit.xfuser_integration import choose_strategy, plan_xfuser_torus
     cases = [
         (["--pipefusion_parallel_degree", "2"], "does not compose with PipeFusion"),
         (["--tensor_parallel_degree", "2"], "does not compose with tensor parallelism"),
@@ -122,6 +122,11 @@ def _refusals(rank, world):
     for argv, message in cases:
         with pytest.raises(LayoutError, match=message):
             plan_xfuser_torus(_args(["--sp-strategy", "torus", *argv]))
+    with pytest.raises(LayoutError, match="knows the shapes of FLUX.1 models only, not 'm'"):
+        choose_strategy(_args(["--sp-strategy", "auto"]))
+    args = _args(["--sp-strategy", "auto", "--model", "black-forest-labs/FLUX.1-dev"])
+    choose_strategy(args)  # slow emulated network: one all-gather of K/V hidden under the local block
+    assert (args.sp_strategy, args.ulysses_degree, args.ring_degree) == ("torus", 2, 2)
     args = _args(["--sp-strategy", "torus", "--use_cfg_parallel"])
     layout = plan_xfuser_torus(args)
     assert (args.ulysses_degree, args.ring_degree) == (2, 1)  # CFG takes the machine boundary

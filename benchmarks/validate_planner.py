@@ -1,0 +1,131 @@
+"""Planner check: predicted vs measured step latency for every harness configuration.
+
+    python benchmarks/validate_planner.py benchmarks/results/h200x2
+
+Hardware numbers come from the same session's measurements only: GEMM and
+attention throughput fitted to the one-GPU times at 1024^2 and 2048^2, the
+intra-machine all-to-all bandwidth, and the inter-machine bandwidths from the
+link probe. Writes ``planner_validation.json`` and ``.md`` beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from swiftfusion_xdit.planner import Hardware, ModelShape, Plan, predict, rank_plans
+from swiftfusion_xdit.tiny import FLUX_DEV_TRANSFORMER
+
+# harness names -> the plan they run (topology "MxG": M machines of G GPUs)
+DIFFUSERS = {"torus-nccl": "torus", "diffusers-ulysses": "ulysses", "diffusers-ring": "ring"}
+
+
+def plan_for(kind: str, name: str, gpus: int, nodes: int, shape: ModelShape) -> Plan | None:
+    per = gpus // nodes
+    if kind == "torus":
+        from swiftfusion_xdit.torus_attention import choose_exchange
+        return Plan("torus", per, nodes, choose_exchange(shape.heads, per, nodes))
+    if kind == "ulysses":
+        return Plan("usp", gpus, 1)
+    if kind == "ring":
+        return Plan("usp", 1, gpus)
+    if name.startswith("xdit-usp-u"):
+        u, r = name[len("xdit-usp-u"):].split("r")
+        return Plan("usp", int(u), int(r))
+    if name.startswith("xdit-pipefusion"):
+        return Plan("pipefusion", 1, gpus)
+    return None
+
+
+def load(folder):
+    read = lambda n: json.load(open(os.path.join(folder, n)))
+    flux = {t: read(f"flux_check_{t}_nccl.json") for t in ("1x2", "2x1")}
+    probe = read("probe_2x1.json")
+    harness = read("harness.json")
+    return flux, probe, harness
+
+
+def main(folder: str):
+    flux, probe, harness = load(folder)
+    one_gpu = {}
+    for run in flux["1x2"]["runs"]:
+        one_gpu[run["size"]] = run["one_gpu_ms"]
+    shape = lambda size, joint=False: ModelShape.flux(FLUX_DEV_TRANSFORMER, size, size,
+                                                       text_in_exchange=not joint)
+    hw = Hardware.from_measurements({shape(s): t for s, t in one_gpu.items()},
+                                    intra_GBps=flux["1x2"]["world_all_to_all_busbw_GBps_64MiB"],
+                                    inter_GBps=probe["inter_machine_GBps_per_gpu_per_direction"],
+                                    inter_collective_GBps=probe["inter_machine_all_gather_GBps_per_gpu_in"])
+    rows = []
+    for topo, result in flux.items():
+        nodes, per = map(int, topo.split("x"))
+        for run in result["runs"]:
+            kind = DIFFUSERS.get(run["strategy"])
+            if kind is None:
+                continue
+            s = shape(run["size"])
+            pred = predict(plan_for(kind, run["strategy"], nodes * per, nodes, s), s, hw, per)
+            rows.append(_row("diffusers", run["strategy"], topo, run["size"], pred, run["parallel_ms"]))
+    for row in harness["rows"]:
+        if row["kind"] != "xdit" or "result" not in row or row["result"]["world"] == 1:
+            continue
+        r = row["result"]
+        name, topo = row["name"].split()[:2]
+        nodes, per = map(int, topo.split("x"))
+        s = shape(r["height"], joint=True)
+        kind = "torus" if name.startswith("xdit-torus") else ""
+        pred = predict(plan_for(kind, name, nodes * per, nodes, s), s, hw, per)
+        rows.append(_row("xdit", name, topo, r["height"], pred, r["median_step_ms"]))
+    choices = []
+    for (path, topo, size) in sorted({(r["path"], r["topology"], r["size"]) for r in rows}):
+        nodes, per = map(int, topo.split("x"))
+        best = rank_plans(shape(size, joint=path == "xdit"), hw, nodes, per)[0].plan.describe()
+        measured = {r["plan"]: r["measured_ms"] for r in rows
+                    if (r["path"], r["topology"], r["size"]) == (path, topo, size) and r["exact"]}
+        if best in measured:
+            choices.append({"path": path, "topology": topo, "size": size, "chosen": best,
+                            "chosen_measured_ms": measured[best],
+                            "best_measured": min(measured, key=measured.get),
+                            "best_measured_ms": min(measured.values()),
+                            "within_5pct": measured[best] <= 1.05 * min(measured.values())})
+    out = {"hardware": hw.__dict__, "rows": rows, "choices": choices,
+           "within_20pct": sum(r["within_20pct"] for r in rows), "configs": len(rows)}
+    with open(os.path.join(folder, "planner_validation.json"), "w") as f:
+        json.dump(out, f, indent=2)
+    with open(os.path.join(folder, "planner_validation.md"), "w") as f:
+        f.write(_markdown(out))
+    print(_markdown(out))
+
+
+def _row(path, name, topo, size, pred, measured):
+    err = pred.step_ms / measured - 1
+    return {"path": path, "run": name, "topology": topo, "size": size, "plan": pred.plan.describe(),
+            "exact": pred.exact, "predicted_ms": round(pred.step_ms, 1),
+            "measured_ms": round(measured, 1), "error": round(err, 3),
+            "within_20pct": abs(err) <= 0.2}
+
+
+def _markdown(out) -> str:
+    hw = out["hardware"]
+    lines = [f"Hardware fitted from this session: GEMM {hw['gemm_tflops']:.0f} TFLOP/s, attention "
+             f"{hw['attention_tflops']:.0f} TFLOP/s, intra {hw['intra_GBps']:.0f} GB/s, inter "
+             f"{hw['inter_GBps']:.1f} GB/s (send/recv), {hw['inter_collective_GBps']:.1f} GB/s "
+             f"(all-gather), {hw['latency_us']:.0f} us per collective.", "",
+             f"Within 20%: {out['within_20pct']} of {out['configs']} configurations.", "",
+             "| path | run | topology | size | plan | predicted ms | measured ms | error |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in out["rows"]:
+        lines.append(f"| {r['path']} | {r['run']} | {r['topology']} | {r['size']} | {r['plan']} | "
+                     f"{r['predicted_ms']} | {r['measured_ms']} | {r['error']:+.0%} |")
+    lines += ["", "| path | topology | size | planner chose | its measured ms | best measured | "
+              "best ms | within 5% |", "|---|---|---|---|---|---|---|---|"]
+    for c in out["choices"]:
+        lines.append(f"| {c['path']} | {c['topology']} | {c['size']} | {c['chosen']} | "
+                     f"{c['chosen_measured_ms']} | {c['best_measured']} | {c['best_measured_ms']} | "
+                     f"{'yes' if c['within_5pct'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

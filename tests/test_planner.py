@@ -1,0 +1,86 @@
+"""Cost model arithmetic (bytes per strategy by hand) and plan ranking on synthetic inputs."""
+
+import pytest
+
+from swiftfusion_xdit import planner
+from swiftfusion_xdit.cli import main as cli_main
+from swiftfusion_xdit.planner import Hardware, ModelShape, Plan, bytes_per_layer, predict, rank_plans
+from swiftfusion_xdit.tiny import FLUX_DEV_TRANSFORMER
+
+MiB = 2 ** 20
+
+
+def shape(tokens=4096, heads=24, layers=10):
+    return ModelShape(layers=layers, heads=heads, head_dim=128, gemm_params_per_token=1e9,
+                      image_tokens=tokens)
+
+
+def test_bytes_per_layer_by_hand():
+    s = shape(tokens=4096)  # X = 4096/P * 3072 * 2 bytes
+    x8 = 4096 / 8 * 3072 * 2
+    assert bytes_per_layer(Plan("usp", 8, 1), s) == (4 * x8 * 7 / 8, 0)
+    assert bytes_per_layer(Plan("usp", 4, 2), s) == (4 * x8 * 3 / 4, 2 * x8)
+    assert bytes_per_layer(Plan("usp", 2, 4), s) == (4 * x8 / 2, 2 * x8 * 3)
+    assert bytes_per_layer(Plan("torus", 2, 4, "a2a"), s) == (4 * x8 / 2, 4 * x8 * 3 / 4)
+    assert bytes_per_layer(Plan("torus", 2, 4, "kv"), s) == (4 * x8 / 2, 2 * x8 * 3)
+    # 4 machines: the torus a2a moves half the cross-machine bytes of USP's ring
+    assert bytes_per_layer(Plan("torus", 2, 4, "a2a"), s)[1] * 2 == bytes_per_layer(Plan("usp", 2, 4), s)[1]
+
+
+def test_flux_shape_matches_its_parameter_count():
+    s = ModelShape.flux(FLUX_DEV_TRANSFORMER, 1024, 1024)
+    assert (s.image_tokens, s.text_tokens, s.layers, s.hidden) == (4096, 512, 57, 3072)
+    # FLUX.1-dev's blocks hold ~11.9B parameters; a token passes one of the two
+    # streams of each double block (18h^2 of 36h^2) and all of each single block
+    assert s.gemm_params_per_token == 3072 ** 2 * (18 * 19 + 15 * 38)
+
+
+def test_hardware_fit_recovers_known_throughput():
+    truth = Hardware(400.0, 600.0, 200.0, 5.0)
+    a, b = shape(4096), shape(16384)
+    one_gpu = {s: (s.gemm_flops() / 400e9 + s.attention_flops() / 600e9) for s in (a, b)}  # ms
+    fit = Hardware.from_measurements(one_gpu, 200.0, 5.0)
+    assert fit.gemm_tflops == pytest.approx(truth.gemm_tflops)
+    assert fit.attention_tflops == pytest.approx(truth.attention_tflops)
+
+
+def test_slow_network_prefers_exchanges_that_hide_under_compute():
+    hw = Hardware(500.0, 600.0, 200.0, 2.0, 3.0)
+    ranked = rank_plans(shape(16384), hw, nodes=2, gpus_per_node=1)
+    assert ranked[0].plan == Plan("torus", 1, 2, "kv")
+    ulysses = next(p for p in ranked if p.plan == Plan("usp", 2, 1))
+    assert "spans machines" in ulysses.why[0] and ulysses.hidden_ms == 0
+
+
+def test_torus_a2a_beats_ring_with_many_machines():
+    hw = Hardware(500.0, 600.0, 200.0, 5.0)
+    s = shape(32768, heads=32)
+    torus = predict(Plan("torus", 8, 4, "a2a"), s, hw, gpus_per_node=8)
+    ring = predict(Plan("usp", 8, 4), s, hw, gpus_per_node=8)
+    assert torus.inter_ms < ring.inter_ms and torus.step_ms < ring.step_ms
+
+
+def test_one_machine_uses_the_fast_link_and_approximate_plans_are_opt_in():
+    hw = Hardware(500.0, 600.0, 200.0, 1.0)
+    exact = rank_plans(shape(), hw, nodes=1, gpus_per_node=8)
+    assert all(p.exact for p in exact)
+    fast_network = rank_plans(shape(), Hardware(500.0, 600.0, 200.0, 1000.0), nodes=1, gpus_per_node=8)
+    assert [p.step_ms for p in exact] == [p.step_ms for p in fast_network]  # nothing crosses machines
+    every = rank_plans(shape(), hw, nodes=1, gpus_per_node=8, include_approximate=True)
+    assert any(p.plan.strategy == "pipefusion" for p in every)
+
+
+def test_plan_command_ranks_and_names_the_best(capsys):
+    cli_main(["plan", "--nodes", "4", "--gpus-per-node", "8", "--inter-bw", "50",
+              "--height", "2048", "--width", "2048"])
+    out = capsys.readouterr().out
+    assert "16896 tokens, 4 machine(s) x 8 GPU(s)" in out
+    assert "50.0 GB/s between machines" in out
+    assert out.strip().splitlines()[-1].startswith("best: ")
+
+
+def test_probe_is_cached_per_machine(tmp_path):
+    first = planner.probe_hardware("cpu", cache_dir=str(tmp_path))
+    assert first.gemm_tflops > 0 and first.attention_tflops > 0
+    assert len(list(tmp_path.iterdir())) == 1
+    assert planner.probe_hardware("cpu", cache_dir=str(tmp_path)) == first  # read back, not re-timed
