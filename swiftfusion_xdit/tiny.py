@@ -36,19 +36,25 @@ def _word_tokenizer(max_length: int):
                                    eos_token="</s>", model_max_length=max_length)
 
 
+def _text_encoders(clip: dict, t5: dict):
+    """CLIP and T5 encoders over the word-level vocabulary, random weights."""
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    vocab = len(_WORDS) + 3
+    return (CLIPTextModel(CLIPTextConfig(vocab_size=vocab, max_position_embeddings=77,
+                                         projection_dim=clip["hidden_size"], pad_token_id=0,
+                                         bos_token_id=1, eos_token_id=2, **clip)),
+            T5EncoderModel(T5Config(vocab_size=vocab, pad_token_id=0, eos_token_id=2, **t5)))
+
+
 def tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(**TINY_FLUX_TRANSFORMER)
-    vocab = len(_WORDS) + 3
-    clip = CLIPTextModel(CLIPTextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
-                                        num_hidden_layers=2, num_attention_heads=4,
-                                        max_position_embeddings=77, projection_dim=32,
-                                        pad_token_id=0, bos_token_id=1, eos_token_id=2))
-    t5 = T5EncoderModel(T5Config(vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_layers=2,
-                                 num_heads=4, pad_token_id=0, eos_token_id=2))
+    clip, t5 = _text_encoders(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4),
+                              dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4))
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
                         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
                         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
@@ -80,16 +86,11 @@ def flux_dev_random_pipeline(seed: int = 0, device: str = "cuda", dtype=torch.bf
     The transformer (12B parameters) is initialised directly on ``device``.
     """
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
-    vocab = len(_WORDS) + 3
-    clip = CLIPTextModel(CLIPTextConfig(vocab_size=vocab, hidden_size=768, intermediate_size=3072,
-                                        num_hidden_layers=1, num_attention_heads=12,
-                                        max_position_embeddings=77, projection_dim=768,
-                                        pad_token_id=0, bos_token_id=1, eos_token_id=2))
-    t5 = T5EncoderModel(T5Config(vocab_size=vocab, d_model=4096, d_kv=64, d_ff=1024, num_layers=1,
-                                 num_heads=64, pad_token_id=0, eos_token_id=2))
+    clip, t5 = _text_encoders(dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=1,
+                                   num_attention_heads=12),
+                              dict(d_model=4096, d_kv=64, d_ff=1024, num_layers=1, num_heads=64))
     vae = AutoencoderKL(**FLUX_DEV_VAE)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
                                                 max_shift=1.15, base_image_seq_len=256,

@@ -1,7 +1,7 @@
 """xDiT glue: ``--sp-strategy {usp,torus}`` on the stock xfuser 0.7.0 CLI.
 
 Loading: the wheel ships ``swiftfusion_xdit.pth``; Python runs it at start-up
-and it registers an import hook (``_autoload``) that calls ``install()`` the
+and it registers an import hook (``swiftfusion_xdit_autoload``) that calls ``install()`` the
 moment ``xfuser.config.args`` is imported. Nothing of xfuser is imported
 early and no xfuser file is edited. Opt out with ``SWIFTFUSION_XDIT_DISABLE=1``.
 

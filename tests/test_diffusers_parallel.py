@@ -100,3 +100,18 @@ def _check_wan(rank, world, strategies, seed):
 
 def test_wan_matches_single_process_on_two_emulated_machines():
     run_ranks(_check_wan, 2, 2, ("torus", "ulysses", "ring", "usp"), 11)
+
+
+def _check_compiled(rank, world, seed):
+    import swiftfusion_xdit  # noqa: F401
+    from swiftfusion_xdit.tiny import tiny_flux_pipeline
+    reference = _latents(tiny_flux_pipeline(seed), seed)
+    pipe = tiny_flux_pipeline(seed).enable_parallel("torus", output_on_all_ranks=True)
+    pipe.transformer = torch.compile(pipe.transformer)
+    err = rel_err(_latents(pipe, seed), reference)
+    assert err < 1e-4, f"compiled torus: rel err {err:.2e}"
+
+
+def test_torus_under_torch_compile_on_two_emulated_machines():
+    """torch.compile traces the model around Torus Attention's collectives (inductor on CPU)."""
+    run_ranks(_check_compiled, 2, 1, 13)

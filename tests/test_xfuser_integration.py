@@ -51,6 +51,16 @@ def test_startup_hook_adds_flag_to_xfusers_own_parsers():
     assert out[:3] == ["torus nccl 2 2 torus", "torus nccl 2 2 torus", "default usp"]
 
 
+def test_startup_hook_imports_nothing_heavy():
+    """The hook runs in every Python process of the environment: it must not import torch."""
+    out = _run_python(f"""
+        import site, sys
+        site.addsitedir({ROOT!r})
+        print("torch" in sys.modules, "swiftfusion_xdit" in sys.modules)
+    """)
+    assert out.split() == ["False", "False"]
+
+
 def test_opt_out_leaves_xfuser_untouched():
     out = _run_python(PARSE.format(pth_dir=ROOT).replace('    ns = parser.parse_args(["--model", "m"])\n'
                                                          '    print("default", xFuserArgs.from_cli_args(ns).sp_strategy)\n', ""),
@@ -72,9 +82,12 @@ def _config_flow(rank, world, seed):
     import xfuser.config.args as xargs
     import xfuser.model_executor.layers.usp as usp_module
     seen = {}
-    # xfuser's own create_config needs a GPU (yunchang check); record what it would receive.
-    xargs.xFuserArgs.create_config = lambda self: seen.setdefault("degrees", (self.ulysses_degree, self.ring_degree))
     from swiftfusion_xdit import xfuser_integration as xi
+    xi.install()  # a no-op where the start-up hook already ran (wheel installs)
+    # xfuser's own create_config needs a GPU (yunchang check); our wrapper runs around a
+    # recorder of what xfuser would receive.
+    record = lambda self: seen.setdefault("degrees", (self.ulysses_degree, self.ring_degree))
+    xargs.xFuserArgs.create_config = lambda self: xi._create_config(self, record)
     args = _args(["--sp-strategy", "torus"])
     args.create_config()
     assert seen["degrees"] == (2, 2), seen  # 2 machines x 2: ulysses inside, torus across

@@ -1,8 +1,11 @@
 """Run from ``swiftfusion_xdit.pth`` at interpreter start-up: adds ``--sp-strategy``
 to xfuser's parser as soon as xfuser's args module is imported.
 
-Costs nothing when xfuser is never imported (no import happens here but
-``importlib``). Opt out with ``SWIFTFUSION_XDIT_DISABLE=1``.
+A top-level module, not part of the ``swiftfusion_xdit`` package, because
+every Python process in the environment runs it: importing the package would
+import torch at every start. Here only ``importlib`` is imported, and nothing
+of ours or of xfuser until xfuser's args module loads. Opt out with
+``SWIFTFUSION_XDIT_DISABLE=1``.
 """
 
 import importlib.abc
