@@ -219,10 +219,9 @@ def _with_joint(x: torch.Tensor, prefix: torch.Tensor | None) -> torch.Tensor:
 def _local(qkv, joint: Joint | None, attend: Kernel, scale: float):
     q, k, v = qkv
     jq = None if joint is None else joint.q
-    q_all = _with_joint(q, jq)
-    out, lse = _accumulators(q_all)
-    _attend_into(attend, scale, q_all, _with_joint(k, joint and joint.k),
-                 _with_joint(v, joint and joint.v), out, lse)
+    # one block: its output is final, no merge (and no float32 pass) needed
+    out, _ = attend(_with_joint(q, jq), _with_joint(k, joint and joint.k),
+                    _with_joint(v, joint and joint.v), scale)
     out = out.to(q.dtype)
     nj = 0 if jq is None else jq.shape[2]
     return out[:, :, nj:], out[:, :, :nj]
@@ -234,13 +233,12 @@ def _torus_kv(qkv, joint: Joint | None, group, transport: Transport, attend: Ker
     q, k, v = qkv
     jq = None if joint is None else joint.q
     q_all = _with_joint(q, jq)
-    out, lse = _accumulators(q_all)
     kv_own = qkv[1:].contiguous()
     with record_function("torus_exchange"):
         incoming = _kv_arrivals(transport, kv_own, t, T, group)
         next(incoming)  # start the exchange; the local block runs under it
-    _attend_into(attend, scale, q_all, _with_joint(k, joint and joint.k),
-                 _with_joint(v, joint and joint.v), out, lse)
+    out, lse = attend(q_all, _with_joint(k, joint and joint.k), _with_joint(v, joint and joint.v), scale)
+    out, lse = out.float(), lse.float()  # the first block starts the float32 accumulators
     for kv in incoming:
         _attend_into(attend, scale, q_all, kv[0], kv[1], out, lse)
     out = out.to(q.dtype)
