@@ -13,34 +13,40 @@ import importlib.util
 import os
 import sys
 
-_TARGET = "xfuser.config.args"
 
+class _AfterImport(importlib.abc.MetaPathFinder):
+    def __init__(self, name, callback):
+        self.name, self.callback = name, callback
 
-class _InstallAfterXfuserArgs(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name != _TARGET:
+        if name != self.name:
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
         load = spec.loader.exec_module
 
         def exec_module(module):
             load(module)
-            from swiftfusion_xdit.xfuser_integration import install
-            install()
+            self.callback(module)
 
         spec.loader.exec_module = exec_module
         return spec
 
 
-def register() -> None:
-    if os.environ.get("SWIFTFUSION_XDIT_DISABLE") == "1":
-        return
-    if _TARGET in sys.modules:
-        from swiftfusion_xdit.xfuser_integration import install
-        install()
-    elif not any(isinstance(f, _InstallAfterXfuserArgs) for f in sys.meta_path):
-        sys.meta_path.insert(0, _InstallAfterXfuserArgs())
+def run_after_import(name: str, callback) -> None:
+    """Call ``callback(module)`` once module ``name`` has been imported (now, if it has)."""
+    if name in sys.modules:
+        callback(sys.modules[name])
+    elif not any(isinstance(f, _AfterImport) and f.name == name for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport(name, callback))
 
 
-register()
+def _install(_module) -> None:
+    from swiftfusion_xdit.xfuser_integration import install
+    install()
+
+
+if os.environ.get("SWIFTFUSION_XDIT_DISABLE") != "1":
+    run_after_import("xfuser.config.args", _install)

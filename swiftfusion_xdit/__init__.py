@@ -1,8 +1,6 @@
 """swiftfusion-xdit: topology-aware sequence parallelism (Torus Attention) for xDiT and diffusers."""
 
-import importlib.abc
-import importlib.util
-import sys
+from swiftfusion_xdit_autoload import run_after_import
 
 from .mesh import LayoutError, ParallelDims, TorusLayout, build_mesh, plan_layout
 from .topology import Topology, detect_topology
@@ -17,32 +15,10 @@ def enable_parallel(pipe, strategy: str = "torus", **kwargs):
     return _enable(pipe, strategy, **kwargs)
 
 
-_PIPELINE_MODULE = "diffusers.pipelines.pipeline_utils"
+def _add_enable_parallel(module) -> None:
+    module.DiffusionPipeline.enable_parallel = enable_parallel
 
 
-class _AddEnableParallel(importlib.abc.MetaPathFinder):
-    """Give DiffusionPipeline an ``enable_parallel`` method once diffusers loads it.
-
-    Importing diffusers' pipelines costs seconds, so we do not import them
-    ourselves; this adds the method whenever (and if ever) they are imported.
-    """
-
-    def find_spec(self, name, path=None, target=None):
-        if name != _PIPELINE_MODULE:
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
-        load = spec.loader.exec_module
-
-        def exec_module(module):
-            load(module)
-            module.DiffusionPipeline.enable_parallel = enable_parallel
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-
-if _PIPELINE_MODULE in sys.modules:
-    sys.modules[_PIPELINE_MODULE].DiffusionPipeline.enable_parallel = enable_parallel
-elif importlib.util.find_spec("diffusers") is not None:
-    sys.meta_path.insert(0, _AddEnableParallel())
+# Importing diffusers' pipelines costs seconds, so we do not import them
+# ourselves; the method is added whenever (and if ever) they are imported.
+run_after_import("diffusers.pipelines.pipeline_utils", _add_enable_parallel)
