@@ -74,6 +74,11 @@ def all_to_all_busbw(mib=64, repeats=10):
     return mib * 2**20 * (world - 1) / world / ((time.perf_counter() - t) / repeats) / 1e9
 
 
+def maybe_compile(model, compile_: bool):
+    """torch.compile after parallelisation, so the compiled graph includes the CP hooks."""
+    return torch.compile(model) if compile_ else model
+
+
 def native_context_parallel(model, strategy, world):
     """diffusers' own context parallelism (cuDNN attention), the baseline it ships."""
     from diffusers import ContextParallelConfig
@@ -90,6 +95,7 @@ def main():
     ap.add_argument("--sizes", default="1024,2048")
     ap.add_argument("--strategies", default="torus,usp,ulysses,ring")
     ap.add_argument("--comm", default="nccl", help="torus transport: nccl or nvshmem")
+    ap.add_argument("--compile", action="store_true", help="torch.compile every model, reference too")
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -104,7 +110,7 @@ def main():
               "model": "FLUX.1-dev transformer config, random bf16 weights", "runs": []}
     sizes = [int(s) for s in args.sizes.split(",")]
     refs = {}
-    model = build(0)
+    model = maybe_compile(build(0), args.compile)
     for size in sizes:
         refs[size] = forward_ms(model, inputs(size, size))
     del model
@@ -115,6 +121,7 @@ def main():
         else:  # "torus" uses --comm; "torus-nvshmem" / "torus-nccl" name it
             name, _, comm = strategy.partition("-")
             layout = parallelize_transformer(model, name, comm=comm or args.comm)
+        model = maybe_compile(model, args.compile)
         for size in sizes:
             out, ms = forward_ms(model, inputs(size, size))
             ref, ref_ms = refs[size]
@@ -131,7 +138,7 @@ def main():
         torch.cuda.empty_cache()
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
-        name = f"flux_check_{args.nodes}x{world // args.nodes}_{args.comm}.json"
+        name = f"flux_check_{args.nodes}x{world // args.nodes}_{args.comm}{'_compiled' * args.compile}.json"
         with open(os.path.join(args.out, name), "w") as f:
             json.dump(result, f, indent=2)
     dist.barrier()

@@ -45,12 +45,14 @@ def torchrun(nproc: int, script: str, args: list[str], log_path: str, timeout: i
             return 124
 
 
-def xdit_jobs(gpus: int, nodes: int, size: int, steps: int):
+def xdit_jobs(gpus: int, nodes: int, size: int, steps: int, compile_: bool = False):
     """(name, nproc, args) for every xDiT configuration on this topology."""
     common = ["--model", "FLUX.1-dev-random", "--height", str(size), "--width", str(size),
               "--num_inference_steps", str(steps), "--prompt", "a photo of a cat", "--seed", "42"]
     if nodes > 1:
         common += ["--emulate-nodes", str(nodes)]
+    if compile_:
+        common += ["--use_torch_compile"]  # xDiT's own compile path, for every strategy
     jobs = []
     for ulysses in (d for d in range(1, gpus + 1) if gpus % d == 0):
         ring = gpus // ulysses
@@ -83,6 +85,8 @@ def main():
     ap.add_argument("--diffusers-sizes", default="1024,2048")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--timeout", type=int, default=300)
+    ap.add_argument("--compile", action="store_true",
+                    help="compiled runs: xfuser's --use_torch_compile, torch.compile on the diffusers path")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     g = args.gpus
@@ -99,13 +103,14 @@ def main():
             out = os.path.join(args.out, f"probe_{topo}.json")
             plan.append(("probe", f"probe {topo}", g, "link_probe.py", ["--nodes", str(nodes), "--out", out], out))
     for size in sizes if "xdit" in suites else []:
-        ref_dir = os.path.join(args.out, f"xdit_{size}_1gpu")
-        ref_args = xdit_jobs(1, 1, size, args.steps)[0][2]
+        tag = "_compiled" if args.compile else ""
+        ref_dir = os.path.join(args.out, f"xdit_{size}_1gpu{tag}")
+        ref_args = xdit_jobs(1, 1, size, args.steps, args.compile)[0][2]
         plan.append(("xdit", f"xdit 1 GPU {size}", 1, "xdit_random_flux.py",
                      ref_args + ["--output_directory", ref_dir], ref_dir))
         for nodes, per in topologies:
-            for name, nproc, job_args in xdit_jobs(g, nodes, size, args.steps):
-                run_dir = os.path.join(args.out, f"xdit_{size}_{nodes}x{per}_{name}")
+            for name, nproc, job_args in xdit_jobs(g, nodes, size, args.steps, args.compile):
+                run_dir = os.path.join(args.out, f"xdit_{size}_{nodes}x{per}_{name}{tag}")
                 plan.append(("xdit", f"{name} {nodes}x{per} {size}", nproc, "xdit_random_flux.py",
                              job_args + ["--output_directory", run_dir], run_dir))
     if "diffusers" in suites:
@@ -116,8 +121,10 @@ def main():
             run = [s for s in strategies if nodes == 1 or s != "torus-nvshmem"]
             plan.append(("diffusers", f"diffusers {nodes}x{per}", g, "flux_device_check.py",
                          ["--nodes", str(nodes), "--sizes", args.diffusers_sizes,
-                          "--strategies", ",".join(run), "--out", args.out],
-                         os.path.join(args.out, f"flux_check_{nodes}x{per}_nccl.json")))
+                          "--strategies", ",".join(run), "--out", args.out]
+                         + ["--compile"] * args.compile,
+                         os.path.join(args.out, f"flux_check_{nodes}x{per}_nccl"
+                                                f"{'_compiled' * args.compile}.json")))
 
     progress, rows = Progress(len(plan)), []
     refs: dict[int, torch.Tensor] = {}
@@ -138,10 +145,10 @@ def main():
         rows.append(row)
         note = "FAILED (see log)" if rc else _summary(row)
         progress.show(name, note)
-    with open(os.path.join(args.out, "harness.json"), "w") as f:
+    with open(os.path.join(args.out, f"harness{'_compiled' * args.compile}.json"), "w") as f:
         json.dump({"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                    "gpus": g, "topologies": [f"{n}x{p}" for n, p in topologies],
-                   "steps": args.steps, "rows": rows}, f, indent=2)
+                   "steps": args.steps, "compiled": args.compile, "rows": rows}, f, indent=2)
 
 
 def _summary(row) -> str:

@@ -1,0 +1,48 @@
+"""The benchmark harness's job list and the reports' arithmetic, on committed results."""
+
+import json
+import os
+import shutil
+import sys
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+sys.path.insert(0, BENCH)
+
+import harness  # noqa: E402
+import report  # noqa: E402
+
+
+def test_harness_runs_every_usp_split_pipefusion_and_torus_per_topology():
+    jobs = harness.xdit_jobs(gpus=4, nodes=2, size=2048, steps=6)
+    names = [name for name, _, _ in jobs]
+    assert names == ["xdit-usp-u1r4", "xdit-usp-u2r2", "xdit-usp-u4r1", "xdit-pipefusion-4",
+                     "xdit-torus-nccl"]
+    for _, nproc, args in jobs:
+        assert nproc == 4
+        assert args[args.index("--emulate-nodes") + 1] == "2"  # every job crosses the same machines
+        assert args[args.index("--height") + 1] == "2048"
+    assert "--emulate-nodes" not in harness.xdit_jobs(gpus=2, nodes=1, size=1024, steps=6)[0][2]
+    compiled = harness.xdit_jobs(gpus=2, nodes=1, size=1024, steps=6, compile_=True)
+    assert all("--use_torch_compile" in args for _, _, args in compiled)  # xDiT's own compile path
+
+
+def test_report_takes_every_number_from_the_results_files(tmp_path):
+    folder = tmp_path / "run"
+    shutil.copytree(os.path.join(BENCH, "results", "h200x2"), folder)
+    report.main(str(folder))
+    table = (folder / "report.md").read_text()
+    rows = json.load(open(folder / "harness.json"))["rows"]
+    torus = next(r for r in rows if r["name"].startswith("xdit-torus-nccl 2x1"))
+    assert f"| 2x1 | 1024² | xdit-torus-nccl | {torus['result']['median_step_ms']:.1f} |" in table
+    # communication floor by hand: torus kv over 2 machines sends 2X per layer,
+    # X = 2048 image tokens (text is replicated in xDiT) x 3072 x 2 bytes, 57 layers
+    probe = json.load(open(folder / "probe_2x1.json"))
+    bw = max(probe["inter_machine_GBps_per_gpu_per_direction"],
+             probe["inter_machine_all_gather_GBps_per_gpu_in"])
+    floor_ms = 2 * 2048 * 3072 * 2 * 57 / (bw * 1e6)
+    line = next(l for l in table.splitlines() if l.startswith("| 2x1 | 1024² | xdit-torus-nccl |"))
+    columns = [c.strip() for c in line.strip("|").split("|")]
+    assert columns[6] == f"{floor_ms:.0f}"
+    assert (folder / "latency.png").stat().st_size > 0 and (folder / "speedup.png").stat().st_size > 0
