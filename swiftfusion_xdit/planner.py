@@ -172,10 +172,11 @@ def predict(plan: Plan, shape: ModelShape, hw: Hardware, gpus_per_node: int) -> 
     ms = lambda nbytes, gbps: nbytes / (gbps * 1e6)
     why = []
     if plan.strategy == "pipefusion":
-        compute = (gemm + attn) * P  # a stage runs its layers on all tokens
-        per_layer = compute / P + ms(cross_b, hw.inter_GBps if gpus_per_node < P else hw.intra_GBps)
-        return Prediction(plan, per_layer * L, compute / P * L, 0, (per_layer - compute / P) * L,
-                          0, exact=False, why=["stale activations between steps: output is approximate"])
+        # a stage runs L/P layers on all tokens: per GPU the same work as an even SP split,
+        # plus the activations handed to the next stage (no pipeline bubble modelled)
+        comm = ms(cross_b, hw.inter_GBps if gpus_per_node < P else hw.intra_GBps)
+        return Prediction(plan, (gemm + attn + comm) * L, (gemm + attn) * L, 0, comm * L, 0,
+                          exact=False, why=["stale activations between steps: output is approximate"])
     ulysses_local = plan.ulysses <= gpus_per_node
     intra = ms(intra_b, hw.intra_GBps if ulysses_local else hw.inter_GBps)
     intra += 2 * lat if plan.ulysses > 1 else 0
