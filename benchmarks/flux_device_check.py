@@ -19,6 +19,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from swiftfusion_xdit.topology import emulate_machines
+
 TEXT = 512
 
 
@@ -99,10 +101,7 @@ def main():
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if args.nodes > 1:
-        os.environ["NCCL_HOSTID"] = os.environ["SWIFTFUSION_NODE"] = f"node{rank // (world // args.nodes)}"
-        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
-        os.environ.setdefault("NCCL_IB_DISABLE", "1")
+    emulate_machines(args.nodes)
     from swiftfusion_xdit.diffusers_integration import ensure_distributed, parallelize_transformer
     ensure_distributed()
     result = {"device": torch.cuda.get_device_name(), "world": world, "nodes": args.nodes,

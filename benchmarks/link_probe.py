@@ -18,6 +18,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from swiftfusion_xdit.topology import emulate_machines
+
 
 def timed(fn, repeats=10):
     fn()
@@ -38,10 +40,7 @@ def main():
     args = ap.parse_args()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     per_node = world // args.nodes
-    if args.nodes > 1:
-        os.environ["NCCL_HOSTID"] = f"node{rank // per_node}"
-        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
-        os.environ.setdefault("NCCL_IB_DISABLE", "1")
+    emulate_machines(args.nodes)
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl", device_id=torch.device("cuda", torch.cuda.current_device()))
     n = args.mib * 2**20 // 2

@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from swiftfusion_xdit.mesh import build_mesh, plan_layout
-from swiftfusion_xdit.topology import detect_topology
+from swiftfusion_xdit.topology import detect_topology, emulate_machines
 from swiftfusion_xdit.torus_attention import Joint, SPGroups, torus_attention
 from swiftfusion_xdit.transport import resolve_transport
 
@@ -39,12 +39,7 @@ HEADS, HEAD_DIM, TEXT = 24, 128, 512  # FLUX.1-dev attention; 512 text tokens
 
 
 def setup(nodes: int) -> None:
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if nodes > 1:
-        node = f"node{rank // (world // nodes)}"
-        os.environ["NCCL_HOSTID"] = os.environ["SWIFTFUSION_NODE"] = node
-        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
-        os.environ.setdefault("NCCL_IB_DISABLE", "1")
+    emulate_machines(nodes)
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl", device_id=torch.device("cuda", torch.cuda.current_device()))
 

@@ -89,7 +89,7 @@ def main(folder: str):
                             "best_measured": min(measured, key=measured.get),
                             "best_measured_ms": min(measured.values()),
                             "within_5pct": measured[best] <= 1.05 * min(measured.values())})
-    out = {"hardware": hw.__dict__, "rows": rows, "choices": choices,
+    out = {"device": f"{harness['device']} x {harness['gpus']}", "hardware": hw.__dict__, "rows": rows, "choices": choices,
            "within_20pct": sum(r["within_20pct"] for r in rows), "configs": len(rows)}
     with open(os.path.join(folder, "planner_validation.json"), "w") as f:
         json.dump(out, f, indent=2)
@@ -108,7 +108,8 @@ def _row(path, name, topo, size, pred, measured):
 
 def _markdown(out) -> str:
     hw = out["hardware"]
-    lines = [f"Hardware fitted from this session: GEMM {hw['gemm_tflops']:.0f} TFLOP/s, attention "
+    lines = [f"# Planner vs measured, {out['device']}", "",
+             f"Hardware fitted from this session: GEMM {hw['gemm_tflops']:.0f} TFLOP/s, attention "
              f"{hw['attention_tflops']:.0f} TFLOP/s, intra {hw['intra_GBps']:.0f} GB/s, inter "
              f"{hw['inter_GBps']:.1f} GB/s (send/recv), {hw['inter_collective_GBps']:.1f} GB/s "
              f"(all-gather), {hw['latency_us']:.0f} us per collective.", "",

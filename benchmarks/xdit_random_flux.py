@@ -30,10 +30,8 @@ def emulate_nodes(argv: list[str]) -> tuple[list[str], int]:
         return argv, 1
     i = argv.index("--emulate-nodes")
     nodes = int(argv[i + 1])
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    os.environ["NCCL_HOSTID"] = os.environ["SWIFTFUSION_NODE"] = f"node{rank // (world // nodes)}"
-    os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
-    os.environ.setdefault("NCCL_IB_DISABLE", "1")
+    from swiftfusion_xdit.topology import emulate_machines
+    emulate_machines(nodes)
     return argv[:i] + argv[i + 2:], nodes
 
 

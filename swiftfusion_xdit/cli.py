@@ -17,6 +17,13 @@ import time
 import torch
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, not {text}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="swiftfusion-xdit")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -43,11 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="rank SP strategies for a model and cluster by predicted step time")
     p.add_argument("--model", default="flux-dev", choices=("flux-dev", "wan2.1-14b"),
                    help="transformer config (real configs, built in)")
-    p.add_argument("--height", type=int, default=1024)
-    p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--frames", type=int, default=81, help="video models only")
-    p.add_argument("--nodes", type=int, required=True)
-    p.add_argument("--gpus-per-node", type=int, required=True)
+    p.add_argument("--height", type=_positive, default=1024)
+    p.add_argument("--width", type=_positive, default=1024)
+    p.add_argument("--frames", type=_positive, default=81, help="video models only")
+    p.add_argument("--nodes", type=_positive, required=True)
+    p.add_argument("--gpus-per-node", type=_positive, required=True)
     p.add_argument("--inter-bw", type=float, default=None,
                    help="GB/s per GPU per direction between machines (400 Gb/s per GPU = 50)")
     p.add_argument("--intra-bw", type=float, default=None, help="GB/s per GPU inside a machine")
@@ -116,9 +123,8 @@ def _generate(args) -> None:
     warnings.filterwarnings("ignore", message=".*all_gather_tensor.*is deprecated")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     nodes = args.emulate_nodes or (2 if args.model is None and world % 2 == 0 else 1)
-    if nodes > 1:
-        node = f"node{rank // (world // nodes)}"
-        os.environ["SWIFTFUSION_NODE"] = os.environ["NCCL_HOSTID"] = node
+    from swiftfusion_xdit.topology import emulate_machines
+    emulate_machines(nodes)
     import torch.distributed as dist
 
     import swiftfusion_xdit

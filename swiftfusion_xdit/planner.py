@@ -25,7 +25,13 @@ link bandwidths from ``benchmarks/link_probe.py``. They can also be stated
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import time
 from dataclasses import dataclass, field
+
+import torch
 
 from .torus_attention import choose_exchange
 
@@ -187,15 +193,11 @@ def predict(plan: Plan, shape: ModelShape, hw: Hardware, gpus_per_node: int) -> 
     A = plan.across
     if A == 1:
         inter, exposed = 0.0, 0.0
-    elif plan.strategy == "usp":
-        step = ms(cross_b / (A - 1), bw) + lat
-        inter = step * (A - 1)
-        exposed = (A - 1) * max(0.0, step - attn / A)
-    elif plan.exchange == "kv" and A == 2:  # one all-gather under the local block
+    elif plan.exchange == "kv" and A == 2:  # torus: one all-gather under the local block
         gather_bw = bw if cross_local else (hw.inter_collective_GBps or hw.inter_GBps)
         inter = ms(cross_b, gather_bw) + lat
         exposed = max(0.0, inter - attn / A)
-    elif plan.exchange == "kv":  # T-1 direct peer steps, each under one block
+    elif plan.strategy == "usp" or plan.exchange == "kv":  # A-1 K/V steps, each under one block
         step = ms(cross_b / (A - 1), bw) + lat
         inter = step * (A - 1)
         exposed = (A - 1) * max(0.0, step - attn / A)
@@ -242,13 +244,6 @@ def probe_hardware(device: str | None = None, cache_dir: str | None = None,
     seconds and cached per host and device name. Link bandwidths are not
     probed here (``benchmarks/link_probe.py`` needs all ranks); the H200
     session's measured values stand in until stated with ``--inter-bw``."""
-    import json
-    import os
-    import socket
-    import time
-
-    import torch
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "swiftfusion-xdit")

@@ -24,6 +24,18 @@ import torch
 import torch.distributed as dist
 
 
+def emulate_machines(nodes: int) -> None:
+    """Before NCCL starts, make this torchrun rank one of ``nodes`` emulated machines:
+    ranks [k*G, (k+1)*G) are machine k (G = world / nodes). NCCL_HOSTID sends
+    NCCL's traffic between them over its network transport (loopback sockets)."""
+    if nodes <= 1:
+        return
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    os.environ["NCCL_HOSTID"] = os.environ["SWIFTFUSION_NODE"] = f"node{rank // (world // nodes)}"
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+    os.environ.setdefault("NCCL_IB_DISABLE", "1")
+
+
 def local_node_identity() -> str:
     for var in ("SWIFTFUSION_NODE", "NCCL_HOSTID"):
         if os.environ.get(var):

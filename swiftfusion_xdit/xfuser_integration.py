@@ -95,13 +95,18 @@ def _create_config(engine_args, create_config):
         choose_strategy(engine_args)
     if getattr(engine_args, "sp_strategy", "usp") != "torus":
         return create_config(engine_args)
-    if not dist.is_initialized():
-        from xfuser.core.distributed import init_distributed_environment
-        init_distributed_environment()
+    _ensure_xfuser_distributed()
     layout = plan_xfuser_torus(engine_args)
     configs = create_config(engine_args)
     enable_torus(layout, engine_args.sp_comm)
     return configs
+
+
+def _ensure_xfuser_distributed() -> None:
+    """Our planning is collective; xfuser initialises torch.distributed its own way."""
+    if not dist.is_initialized():
+        from xfuser.core.distributed import init_distributed_environment
+        init_distributed_environment()
 
 
 def choose_strategy(engine_args) -> None:
@@ -111,9 +116,7 @@ def choose_strategy(engine_args) -> None:
     if "flux.1" not in str(engine_args.model).lower():
         raise LayoutError(f"--sp-strategy auto knows the shapes of FLUX.1 models only, not "
                           f"{engine_args.model!r}; pass --sp-strategy usp or torus")
-    if not dist.is_initialized():
-        from xfuser.core.distributed import init_distributed_environment
-        init_distributed_environment()
+    _ensure_xfuser_distributed()
     topo = detect_topology()
     per_replica = topo.world_size // ((2 if engine_args.use_cfg_parallel else 1)
                                       * engine_args.data_parallel_degree)
@@ -261,9 +264,7 @@ class TorusStrategy:
     ``patches/xfuser-0.7.0-sp-strategy-plugin-point.diff``: no start-up hook needed."""
 
     def prepare(self, engine_args) -> None:
-        if not dist.is_initialized():
-            from xfuser.core.distributed import init_distributed_environment
-            init_distributed_environment()
+        _ensure_xfuser_distributed()
         self.layout = plan_xfuser_torus(engine_args)
 
     def activate(self, engine_args, engine_config) -> None:

@@ -7,9 +7,6 @@ from swiftfusion_xdit.cli import main as cli_main
 from swiftfusion_xdit.planner import Hardware, ModelShape, Plan, bytes_per_layer, predict, rank_plans
 from swiftfusion_xdit.tiny import FLUX_DEV_TRANSFORMER
 
-MiB = 2 ** 20
-
-
 def shape(tokens=4096, heads=24, layers=10):
     return ModelShape(layers=layers, heads=heads, head_dim=128, gemm_params_per_token=1e9,
                       image_tokens=tokens)
@@ -84,3 +81,9 @@ def test_probe_is_cached_per_machine(tmp_path):
     assert first.gemm_tflops > 0 and first.attention_tflops > 0
     assert len(list(tmp_path.iterdir())) == 1
     assert planner.probe_hardware("cpu", cache_dir=str(tmp_path)) == first  # read back, not re-timed
+
+
+def test_plan_command_refuses_an_empty_cluster(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["plan", "--nodes", "0", "--gpus-per-node", "8"])
+    assert "--nodes: must be a positive whole number, not 0" in capsys.readouterr().err
