@@ -1,33 +1,30 @@
-"""One-sided transport: NVSHMEM puts with signals instead of send/recv.
+"""One-sided transport: NVSHMEM symmetric buffers written by Triton kernels.
 
-Same interface as ``TwoSidedTransport`` (``all_to_all``, ``exchange``), built
-on nvshmem4py's stream-ordered host API (``put_signal`` / ``signal_wait`` /
-``signal_op`` on a CUDA stream), so no receive is ever posted and no rank
-waits for a matching call: the sender writes straight into the receiver's
-symmetric buffer and raises a flag.
+Same interface as ``TwoSidedTransport`` (``all_to_all``, ``exchange``). Each
+call site and shape gets a *channel*: a receive buffer with two slots and a
+flag array, allocated once on the NVSHMEM symmetric heap and reused by every
+layer and step. Senders store straight into the receivers' slots through
+NVLink (``swiftfusion_xdit.kernels.peer_copy``: packing fused into the
+store, one release-add per CTA on the receiver's flag); receivers wait on
+those flags, never on a barrier or a matching receive:
 
-Signal protocol of one channel (a channel = one call site and shape, reused
-by every layer and step; ``e`` counts the channel's uses, starting at 1):
+* ``all_to_all``: one kernel per call; its CTAs store our chunk for every
+  peer straight into the peer's final layout (the Ulysses transpose is the
+  copy itself) and then wait for the peers' chunks to us.
+* ``exchange``: the put kernel runs on a communication stream, so attention
+  on blocks already here overlaps with it; ``wait()`` enqueues a one-CTA
+  kernel on the compute stream that spins on the source's flag, so the
+  attention of block k starts as soon as block k has landed.
 
-    sender s -> receiver r, use e
-      s (comm stream):    wait  free[r] >= e-1      (r has consumed use e-1)
-      s (comm stream):    put   data -> r.inbox[s], then set r.ready[s] = e
-      r (compute stream): wait  ready[s] >= e
-      r (compute stream): copy  inbox[s] out, then set s.free[r] = e
-
-``ready`` flags live on the receiver, ``free`` flags on the sender; both are
-monotonic, so no flag is ever reset and no barrier is needed on the hot path.
-Symmetric buffers are allocated on a channel's first use (a collective: every
-rank runs the same sequence of calls, as SPMD attention does) and reused
-afterwards. The heap is sized by ``SWIFTFUSION_NVSHMEM_HEAP`` (default 4 GiB,
-set before NVSHMEM starts); running out raises an error naming the size.
-
-Why host-initiated puts rather than a device kernel: the exchange granularity
-of Torus Attention is one whole block per peer per step, which a single
-``put_signal`` moves at copy-engine speed; the per-peer signals already let
-the attention of block k start when block k has landed. The fused Triton
-kernels (packing in the put, attention waiting on the flag) live in
-``kernels/`` once they beat this.
+The hot path makes no host NVSHMEM calls, no staging copies and no
+allocations. Results live in a channel slot and stay valid until the
+channel's use after next (``borrows_buffers``; see the kernel module for why
+two slots suffice); Torus Attention consumes them within the layer and
+copies its output out. Channel uses are counted on the host, so a captured
+CUDA graph would replay stale counts: capture is refused. The heap is sized
+by ``SWIFTFUSION_NVSHMEM_HEAP`` (default 4 GiB, read before NVSHMEM starts);
+running out raises an error naming the size. Peers must be NVLink-mapped
+(``nvshmem_ptr`` non-null): across machines use ``comm='nccl'``.
 """
 
 from __future__ import annotations
@@ -38,6 +35,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from .transport import join_chunks, split_chunks
+
 _STATE: dict = {}
 
 
@@ -47,20 +46,14 @@ def unavailable_reason() -> str | None:
         return "NVSHMEM needs an NVIDIA GPU; on CPU use comm='gloo' (or 'auto')"
     try:
         import nvshmem.core  # noqa: F401
+        import triton  # noqa: F401
         from cuda.core import Device  # noqa: F401
     except ImportError as err:
-        return (f"nvshmem4py is not importable ({err}); install it with "
-                "pip install 'swiftfusion-xdit[nvshmem]' (nvshmem4py-cu13)")
+        return (f"the one-sided path needs nvshmem4py and triton ({err}); install them with "
+                "pip install 'swiftfusion-xdit[nvshmem]' (nvshmem4py-cu13, triton)")
     if not dist.is_initialized() or dist.get_backend() != "nccl":
         return "NVSHMEM is bootstrapped from a torch.distributed NCCL process group; none is initialised"
     return None
-
-
-def _enum(enum_type, *names):
-    for name in names:
-        if hasattr(enum_type, name):
-            return getattr(enum_type, name)
-    raise RuntimeError(f"nvshmem4py has none of {names} in {enum_type}: {dir(enum_type)}")
 
 
 def init_nvshmem() -> None:
@@ -79,10 +72,7 @@ def init_nvshmem() -> None:
     holder = [uid]
     dist.broadcast_object_list(holder, src=0)
     nvshmem.init(device=device, uid=holder[0], rank=rank, nranks=world, initializer_method="uid")
-    _STATE.update(nvshmem=nvshmem, channels={},
-                  SET=_enum(nvshmem.SignalOp, "SIGNAL_SET", "NVSHMEM_SIGNAL_SET"),
-                  GE=_enum(nvshmem.ComparisonType, "CMP_GE", "NVSHMEM_CMP_GE"),
-                  comm_stream=torch.cuda.Stream())
+    _STATE.update(nvshmem=nvshmem, channels={}, comm_stream=torch.cuda.Stream())
     atexit.register(shutdown_nvshmem)
 
 
@@ -97,103 +87,155 @@ def shutdown_nvshmem() -> None:
     _STATE.clear()
 
 
-class _Channel:
-    """Symmetric inboxes and flags for one (call site, shape, dtype) in one group."""
+def ctas_per_peer(chunk_bytes: int, peers: int) -> int:
+    """One CTA per 16 KiB tile of a peer's chunk (a tile is one load/store round), at
+    most four CTAs per SM over all peers: enough stores in flight to fill NVLink.
+    Measured on one H200 (virtual ranks), 16 CTAs per peer copied 4,608-token chunks at
+    only 230-590 GB/s: too few stores in flight."""
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return max(1, min(chunk_bytes // (16 * 1024), 4 * sms // peers))
 
-    def __init__(self, shape, dtype, group_ranks: list[int]):
+
+class _Channel:
+    """Symmetric receive slots and flags for one (call site, shape, dtype, group)."""
+
+    def __init__(self, recv_shape, dtype, group_ranks: list[int], chunk_bytes: int):
+        from .kernels.peer_copy import PeerBuffers
         nvshmem = _STATE["nvshmem"]
-        n = len(group_ranks)
-        self.pes = group_ranks  # group rank -> global PE (PE numbering = torch world ranks)
+        P = len(group_ranks)
         try:
-            self.inbox = [nvshmem.tensor(shape, dtype=dtype) for _ in range(n)]
-            self.outbox = [nvshmem.tensor(shape, dtype=dtype) for _ in range(n)]
-            self.ready = [nvshmem.tensor((1,), dtype=torch.int64) for _ in range(n)]
-            self.free_flag = [nvshmem.tensor((1,), dtype=torch.int64) for _ in range(n)]
+            data = nvshmem.tensor((2, *recv_shape), dtype=dtype)
+            flags = nvshmem.tensor((2, P), dtype=torch.int64)
         except Exception as err:
-            nbytes = 2 * n * torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            nbytes = 2 * torch.Size(recv_shape).numel() * torch.empty((), dtype=dtype).element_size()
             raise RuntimeError(
                 f"NVSHMEM symmetric heap ({os.environ.get('NVSHMEM_SYMMETRIC_SIZE')}) cannot hold "
-                f"another {nbytes / 2**20:.0f} MiB for a {tuple(shape)} {dtype} channel: {err}. "
+                f"another {nbytes / 2**20:.0f} MiB for a {tuple(recv_shape)} {dtype} channel: {err}. "
                 "Set SWIFTFUSION_NVSHMEM_HEAP larger (e.g. 16G) before the first call.") from err
-        for flag in self.ready + self.free_flag:
-            flag.zero_()
+        flags.zero_()
+        self.buffers = PeerBuffers(data, flags, _peer_deltas(data, group_ranks),
+                                   _peer_deltas(flags, group_ranks))
+        self.ctas = ctas_per_peer(chunk_bytes, P)
+        self.uses = 0
+        self._tables: dict = {}
         torch.cuda.synchronize()
         dist.barrier()  # every rank's flags are zero before anyone signals
-        self.uses = 0
 
-    def _buf(self, tensor):
-        from nvshmem.core.interop.torch import tensor_get_buffer
-        return tensor_get_buffer(tensor)[0]
+    def next_use(self) -> int:
+        self.uses += 1
+        return self.uses
 
-    def send(self, data: torch.Tensor, me: int, dst: int, use: int) -> None:
-        nvshmem, stream = _STATE["nvshmem"], _STATE["comm_stream"]
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            if use > 1:  # the receiver has copied out our previous message
-                nvshmem.signal_wait(self._buf(self.free_flag[dst]), use - 1, _STATE["GE"], stream=stream)
-            self.outbox[dst].copy_(data)
-            data.record_stream(stream)  # keep it alive until the copy above has run
-            nvshmem.put_signal(self.inbox[me], self.outbox[dst], self._buf(self.ready[me]), use,
-                               _STATE["SET"], remote_pe=self.pes[dst], stream=stream)
-
-    def receive(self, me: int, src: int, use: int) -> torch.Tensor:
-        nvshmem, stream = _STATE["nvshmem"], torch.cuda.current_stream()
-        nvshmem.signal_wait(self._buf(self.ready[src]), use, _STATE["GE"], stream=stream)
-        out = self.inbox[src].clone()
-        nvshmem.signal_op(self._buf(self.free_flag[me]), use, _STATE["SET"],
-                          remote_pe=self.pes[src], stream=stream)
-        return out
+    def table(self, ranks: tuple[int, ...]) -> torch.Tensor:
+        if ranks not in self._tables:
+            self._tables[ranks] = torch.tensor(ranks, dtype=torch.int64, device="cuda")
+        return self._tables[ranks]
 
     def free(self):
-        nvshmem = _STATE["nvshmem"]
-        for t in self.inbox + self.outbox + self.ready + self.free_flag:
-            nvshmem.free_tensor(t)
+        for t in (self.buffers.data, self.buffers.flags):
+            _STATE["nvshmem"].free_tensor(t)
+
+
+def _peer_deltas(local: torch.Tensor, pes: list[int]) -> torch.Tensor:
+    """Element distance from our mapping of ``local`` to each PE's (nvshmem_ptr)."""
+    from nvshmem.core.interop.torch import get_peer_tensor
+    deltas = []
+    for pe in pes:
+        try:
+            ptr = get_peer_tensor(local, pe).data_ptr()
+        except Exception:
+            ptr = 0
+        if not ptr:
+            raise RuntimeError(f"rank {pe} is not NVLink-mapped from rank {dist.get_rank()} (another "
+                               "machine?): the one-sided kernels store into peers' memory directly; "
+                               "use comm='nccl' across machines")
+        deltas.append((ptr - local.data_ptr()) // local.element_size())
+    return torch.tensor(deltas, dtype=torch.int64, device="cuda")
+
+
+def _refuse_capture() -> None:
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("the NVSHMEM transport counts channel uses on the host, so a captured "
+                           "CUDA graph would replay stale counts; use comm='nccl' with CUDA graphs")
 
 
 class _Pending:
-    def __init__(self, channel: _Channel, me: int, src: int, use: int):
-        self.channel, self.me, self.src, self.use = channel, me, src, use
+    def __init__(self, channel: _Channel, source: torch.Tensor, use: int, sent: torch.cuda.Event):
+        self.channel, self.source, self.use, self.sent = channel, source, use, sent
 
     def wait(self) -> torch.Tensor:
-        return self.channel.receive(self.me, self.src, self.use)
+        from .kernels.peer_copy import wait_flags
+        # our put has read its source before that source's buffer can be reused
+        torch.cuda.current_stream().wait_event(self.sent)
+        ch = self.channel
+        wait_flags(ch.buffers, self.source, self.use, ch.ctas)
+        return ch.buffers.data[self.use % 2]
+
+
+class _Done:
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+    def wait(self) -> torch.Tensor:
+        return self.tensor
 
 
 class NvshmemTransport:
     name = "nvshmem"
+    borrows_buffers = True  # results are channel slots: valid until the channel's use after next
 
     def __init__(self):
         init_nvshmem()
-        self._calls: dict = {}
+        self._sites: dict = {}  # call site -> (channel, our group rank, peer table): one lookup per call
 
-    def _channel(self, kind: str, x: torch.Tensor, group) -> _Channel:
+    def _channel(self, kind: str, recv_shape, dtype, group, chunk_bytes: int) -> _Channel:
         ranks = dist.get_process_group_ranks(group)
-        key = (kind, tuple(x.shape), x.dtype, tuple(ranks))
+        key = (kind, tuple(recv_shape), dtype, tuple(ranks))
         channels = _STATE["channels"]
         if key not in channels:
-            channels[key] = _Channel(x.shape, x.dtype, ranks)
+            channels[key] = _Channel(recv_shape, dtype, ranks, chunk_bytes)
         return channels[key]
 
-    def all_to_all(self, x: torch.Tensor, group) -> torch.Tensor:
-        """x is (P, ...) with chunk p for group rank p; puts go to every peer at once."""
+    def _a2a_site(self, x: torch.Tensor, group, scatter_dim: int, gather_dim: int):
         P, me = dist.get_world_size(group), dist.get_rank(group)
-        channel = self._channel("a2a", x[0], group)
-        channel.uses += 1
-        use = channel.uses
-        for step in range(1, P):
-            dst = (me + step) % P
-            channel.send(x[dst], me, dst, use)
-        out = torch.empty_like(x)
-        out[me] = x[me]
-        for step in range(1, P):
-            src = (me - step) % P
-            out[src] = channel.receive(me, src, use)
-        return out
+        send = split_chunks(x, P, scatter_dim)
+        recv_shape = join_chunks(torch.empty(send.shape, device="meta"), gather_dim).shape
+        ch = self._channel("a2a", recv_shape, x.dtype, group, send[0].numel() * x.element_size())
+        return ch, me, ch.table(tuple((me + i) % P for i in range(P)))  # each rank starts on another peer
 
+    @torch.compiler.disable  # host-side use counts: run eagerly inside compiled models
+    def all_to_all(self, x: torch.Tensor, group, scatter_dim: int = 0, gather_dim: int = 0):
+        from .kernels.peer_copy import all_to_all_put
+        _refuse_capture()
+        key = ("a2a", group, x.shape, x.dtype, scatter_dim, gather_dim)
+        if key not in self._sites:
+            self._sites[key] = self._a2a_site(x, group, scatter_dim, gather_dim)
+        ch, me, dests = self._sites[key]
+        return all_to_all_put(x, scatter_dim, gather_dim, ch.buffers, me, dests, ch.next_use(),
+                              ctas_per_peer=ch.ctas)
+
+    def _exchange_site(self, send: torch.Tensor, dst: int, src: int, group):
+        P, me = dist.get_world_size(group), dist.get_rank(group)
+        # one channel per peer distance: the schedule's steps never share slots
+        ch = self._channel(f"exchange{(dst - me) % P}", send.shape, send.dtype, group,
+                           send.numel() * send.element_size())
+        return ch, me, ch.table((dst,)), ch.table((src,))
+
+    @torch.compiler.disable
     def exchange(self, send: torch.Tensor, dst: int, src: int, group):
-        me = dist.get_rank(group)
-        # one channel per (shape, peer distance): the schedule's steps never share inboxes
-        distance = (dst - me) % dist.get_world_size(group)
-        channel = self._channel(f"exchange{distance}", send, group)
-        channel.uses += 1
-        channel.send(send, me, dst, channel.uses)
-        return _Pending(channel, me, src, channel.uses)
+        from .kernels.peer_copy import put_one
+        _refuse_capture()
+        key = ("exchange", group, send.shape, send.dtype, dst, src)
+        if key not in self._sites:
+            if dst == src == dist.get_rank(group):
+                return _Done(send)
+            self._sites[key] = self._exchange_site(send, dst, src, group)
+        ch, me, to, source = self._sites[key]
+        use = ch.next_use()
+        stream = _STATE["comm_stream"]
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            put_one(send, ch.buffers, me, to, use, ctas_per_peer=ch.ctas)
+            sent = torch.cuda.Event()
+            sent.record(stream)
+        send.record_stream(stream)
+        return _Pending(ch, source, use, sent)

@@ -122,6 +122,8 @@ def torus_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: S
         out, joint_out = _torus_kv(qkv, joint, groups.torus, transport, attend, scale)
 
     out = _heads_to_seq(out, groups.ulysses, transport)
+    if U > 1 and getattr(transport, "borrows_buffers", False):
+        out = out.clone()  # the transport reuses that buffer two calls later; the caller keeps ours
     if joint is None or joint.q is None:
         return out
     if exchange == "a2a" and T > 1:
@@ -151,9 +153,10 @@ def _check_heads(H: int, U: int, T: int, exchange: str) -> None:
 
 # Named ranges so profiler traces can tell the two exchanges apart
 # (benchmarks/torus_device_check.py measures how much of each is hidden).
-def _all_to_all(transport: Transport, send: torch.Tensor, group) -> torch.Tensor:
+def _all_to_all(transport: Transport, x: torch.Tensor, group, scatter_dim: int,
+                gather_dim: int) -> torch.Tensor:
     with record_function("ulysses_all_to_all"):
-        return transport.all_to_all(send.contiguous(), group)
+        return transport.all_to_all(x, group, scatter_dim, gather_dim)
 
 
 def _post(transport: Transport, send: torch.Tensor, dst: int, src: int, group):
@@ -165,24 +168,16 @@ def _post(transport: Transport, send: torch.Tensor, dst: int, src: int, group):
 
 def _seq_to_heads(x: torch.Tensor, group, transport: Transport) -> torch.Tensor:
     """(n, B, H, s, D) sharded by sequence -> (n, B, H/U, U*s, D) sharded by heads."""
-    U = dist.get_world_size(group) if group is not None else 1
-    if U == 1:
+    if group is None or dist.get_world_size(group) == 1:
         return x
-    n, B, H, s, D = x.shape
-    send = x.reshape(n, B, U, H // U, s, D).permute(2, 0, 1, 3, 4, 5)  # dest-major
-    recv = _all_to_all(transport, send, group)  # source (= seq chunk) major
-    return recv.permute(1, 2, 3, 0, 4, 5).reshape(n, B, H // U, U * s, D)
+    return _all_to_all(transport, x, group, scatter_dim=2, gather_dim=3)
 
 
 def _heads_to_seq(x: torch.Tensor, group, transport: Transport) -> torch.Tensor:
     """(B, H/U, U*s, D) sharded by heads -> (B, H, s, D) sharded by sequence."""
-    U = dist.get_world_size(group) if group is not None else 1
-    if U == 1:
+    if group is None or dist.get_world_size(group) == 1:
         return x
-    B, h, S, D = x.shape
-    send = x.reshape(B, h, U, S // U, D).permute(2, 0, 1, 3, 4)  # dest (= seq chunk) major
-    recv = _all_to_all(transport, send, group)  # source (= head group) major
-    return recv.permute(1, 0, 2, 3, 4).reshape(B, U * h, S // U, D)
+    return _all_to_all(transport, x, group, scatter_dim=2, gather_dim=1)
 
 
 def _head_slice(joint: Joint | None, start: int, count: int) -> Joint | None:

@@ -2,8 +2,11 @@
 
 Torus Attention needs two operations:
 
-* ``all_to_all(x, group)`` -- a blocking all-to-all of equal chunks along
-  dim 0 (the Ulysses exchange inside a machine);
+* ``all_to_all(x, group, scatter_dim, gather_dim)`` -- a blocking all-to-all
+  (the Ulysses exchange inside a machine): ``x`` is split into P equal chunks
+  along ``scatter_dim``, chunk p goes to group rank p, and the chunks received
+  are concatenated along ``gather_dim`` in source order (dims 0 and 0: plain
+  ``all_to_all_single``);
 * ``exchange(send, dst, src, group)`` -- start sending ``send`` to group rank
   ``dst`` and receiving a tensor like ``send`` from group rank ``src``; returns
   a ``Pending`` whose ``wait()`` gives the received tensor.  This is one step
@@ -38,7 +41,8 @@ class Pending(Protocol):
 class Transport(Protocol):
     name: str
 
-    def all_to_all(self, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor: ...
+    def all_to_all(self, x: torch.Tensor, group: dist.ProcessGroup, scatter_dim: int = 0,
+                   gather_dim: int = 0) -> torch.Tensor: ...
 
     def exchange(self, send: torch.Tensor, dst: int, src: int,
                  group: dist.ProcessGroup) -> Pending: ...
@@ -82,10 +86,13 @@ class TwoSidedTransport:
     def __init__(self, name: str):
         self.name = name
 
-    def all_to_all(self, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-        out = torch.empty_like(x)
-        dist.all_to_all_single(out, x.contiguous(), group=group)
-        return out
+    def all_to_all(self, x: torch.Tensor, group: dist.ProcessGroup, scatter_dim: int = 0,
+                   gather_dim: int = 0) -> torch.Tensor:
+        P = dist.get_world_size(group)
+        send = split_chunks(x, P, scatter_dim).contiguous()  # packing copy: NCCL needs it flat
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=group)
+        return join_chunks(recv, gather_dim)
 
     def exchange(self, send: torch.Tensor, dst: int, src: int,
                  group: dist.ProcessGroup) -> Pending:
@@ -105,6 +112,16 @@ class TwoSidedTransport:
         flat = x.new_empty((world * x.shape[0], *x.shape[1:]))  # received in place: no stacking copy
         work = _all_gather_single(flat, x.contiguous(), group=group, async_op=True)
         return _GatherPending(work, flat.view(world, *x.shape))
+
+
+def split_chunks(x: torch.Tensor, P: int, dim: int) -> torch.Tensor:
+    """(P, *chunk) view of ``x`` whose entry p is the p-th slice along ``dim``."""
+    return x.unflatten(dim, (P, -1)).movedim(dim, 0)
+
+
+def join_chunks(chunks: torch.Tensor, dim: int) -> torch.Tensor:
+    """Inverse layout: (P, *chunk) -> the chunks concatenated along ``dim``."""
+    return chunks.movedim(0, dim).flatten(dim, dim + 1)
 
 
 # torch >= 2.13 renamed all_gather_into_tensor (the older name now warns); GPU images run 2.11

@@ -1,0 +1,7 @@
+"""GPU kernels, installed as ``swiftfusion_xdit.kernels`` (source in ``kernels/``).
+
+``peer_copy``: Triton kernels for the one-sided NVSHMEM transport -- stores
+into NVLink-mapped peer buffers with the Ulysses packing fused in, and
+per-source signal flags instead of send/recv. Importing this package needs
+``triton``; the CPU tests run the kernels under Triton's interpreter.
+"""
