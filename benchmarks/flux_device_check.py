@@ -19,6 +19,7 @@ import time
 import torch
 import torch.distributed as dist
 
+import paced_link
 from swiftfusion_xdit.topology import emulate_machines
 
 TEXT = 512
@@ -98,13 +99,17 @@ def main():
     ap.add_argument("--strategies", default="torus,usp,ulysses,ring")
     ap.add_argument("--comm", default="nccl", help="torus transport: nccl or nvshmem")
     ap.add_argument("--compile", action="store_true", help="torch.compile every model, reference too")
+    ap.add_argument("--label", default=None, help="topology label for the file name (default NxG)")
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
+    paced_gbps = paced_link.install_from_env()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     emulate_machines(args.nodes)
+    label = args.label or f"{args.nodes}x{world // args.nodes}"
     from swiftfusion_xdit.diffusers_integration import ensure_distributed, parallelize_transformer
     ensure_distributed()
     result = {"device": torch.cuda.get_device_name(), "world": world, "nodes": args.nodes,
+              "topology": label, "paced_inter_GBps": paced_gbps,
               "world_all_to_all_busbw_GBps_64MiB": all_to_all_busbw(),
               "model": "FLUX.1-dev transformer config, random bf16 weights", "runs": []}
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -137,7 +142,7 @@ def main():
         torch.cuda.empty_cache()
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
-        name = f"flux_check_{args.nodes}x{world // args.nodes}_{args.comm}{'_compiled' * args.compile}.json"
+        name = f"flux_check_{label}_{args.comm}{'_compiled' * args.compile}.json"
         with open(os.path.join(args.out, name), "w") as f:
             json.dump(result, f, indent=2)
     dist.barrier()

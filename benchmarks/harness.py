@@ -15,10 +15,13 @@ random bf16 weights). Each configuration is its own torchrun job:
 * ``probe``: per topology, the link bandwidths measured in the same session
   (``benchmarks/link_probe.py``); multi-machine rows state them.
 
-Machines are emulated on one host with ``NCCL_HOSTID`` per rank (NCCL's
-network transport between "machines"). Writes one JSON per job and
-``harness.json``; ``benchmarks/report.py`` turns that into the Markdown
-table and the plots.
+Machines are emulated on one host in two ways. ``2x2``: ``NCCL_HOSTID`` per
+rank, so NCCL's network transport joins the "machines" (a few GB/s per GPU:
+a slow network). ``2x2p50``: NVLink, with every inter-machine
+torch.distributed call paced to 50 GB/s per GPU (``benchmarks/paced_link.py``:
+a fast network; eager only). ``--paced-gbps 50`` adds the paced twin of every
+multi-machine topology. Writes one JSON per job and ``harness.json``;
+``benchmarks/report.py`` turns that into the Markdown table and the plots.
 """
 
 from __future__ import annotations
@@ -35,12 +38,14 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def torchrun(nproc: int, script: str, args: list[str], log_path: str, timeout: int) -> int:
+def torchrun(nproc: int, script: str, args: list[str], log_path: str, timeout: int,
+             env: dict | None = None) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
            "--master-port=29533", os.path.join(HERE, script), *args]
     with open(log_path, "w") as log:
         try:
-            return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
+            return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout,
+                                  env={**os.environ, **(env or {})}).returncode
         except subprocess.TimeoutExpired:
             return 124
 
@@ -63,6 +68,17 @@ def xdit_jobs(gpus: int, nodes: int, size: int, steps: int, compile_: bool = Fal
     return jobs
 
 
+def parse_topology(label: str) -> tuple[int, int, float | None]:
+    """``2x2`` -> (2 machines, 2 GPUs each, NCCL sockets); ``2x2p50`` -> paced at 50 GB/s."""
+    shape, _, paced = label.partition("p")
+    nodes, per = map(int, shape.split("x"))
+    return nodes, per, float(paced) if paced else None
+
+
+def paced_env(nodes: int, gbps: float | None) -> dict:
+    return {"SWIFTFUSION_PACED_GBPS": str(gbps), "SWIFTFUSION_PACED_NODES": str(nodes)} if gbps else {}
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
@@ -76,10 +92,60 @@ class Progress:
         print(f"[{self.done}/{self.total} {time.time() - self.start:5.0f}s] {name}: {note}", flush=True)
 
 
+def build_plan(args, g: int) -> tuple[list[str], list[tuple]]:
+    """Topology labels and the jobs: (kind, name, nproc, script, args, result path, env)."""
+    labels = (args.topologies or f"1x{g},2x{g // 2}").split(",")
+    if args.paced_gbps:
+        labels += [f"{t}p{args.paced_gbps:g}" for t in labels if parse_topology(t)[0] > 1 and "p" not in t]
+    if args.compile:  # the paced link wraps Python calls that dynamo traces past
+        skipped = [t for t in labels if parse_topology(t)[2]]
+        labels = [t for t in labels if not parse_topology(t)[2]]
+        if skipped:
+            print(f"compiled runs skip the paced topologies {skipped} (eager only)", flush=True)
+    topologies = [(t, *parse_topology(t)) for t in labels]
+    suites = args.suites.split(",")
+    sizes = [int(s) for s in args.sizes.split(",")]
+
+    plan = []
+    for topo, nodes, per, gbps in topologies:
+        if "probe" in suites and nodes > 1:
+            out = os.path.join(args.out, f"probe_{topo}.json")
+            plan.append(("probe", f"probe {topo}", g, "link_probe.py", ["--nodes", str(nodes), "--out", out],
+                         out, paced_env(nodes, gbps)))
+    for size in sizes if "xdit" in suites else []:
+        tag = "_compiled" if args.compile else ""
+        ref_dir = os.path.join(args.out, f"xdit_{size}_1gpu{tag}")
+        ref_args = xdit_jobs(1, 1, size, args.steps, args.compile)[0][2]
+        plan.append(("xdit", f"xdit 1 GPU {size}", 1, "xdit_random_flux.py",
+                     ref_args + ["--output_directory", ref_dir], ref_dir, {}))
+        for topo, nodes, per, gbps in topologies:
+            for name, nproc, job_args in xdit_jobs(g, nodes, size, args.steps, args.compile):
+                run_dir = os.path.join(args.out, f"xdit_{size}_{topo}_{name}{tag}")
+                plan.append(("xdit", f"{name} {topo} {size}", nproc, "xdit_random_flux.py",
+                             job_args + ["--output_directory", run_dir], run_dir, paced_env(nodes, gbps)))
+    if "diffusers" in suites:
+        strategies = ["torus-nccl", "torus-nvshmem", "diffusers-ulysses", "diffusers-ring"]
+        strategies += ["diffusers-unified"] if g >= 4 else []
+        for topo, nodes, per, gbps in topologies:
+            # NVSHMEM bypasses both emulations: it would measure NVLink (refused)
+            run = [s for s in strategies if nodes == 1 or s != "torus-nvshmem"]
+            plan.append(("diffusers", f"diffusers {topo}", g, "flux_device_check.py",
+                         ["--nodes", str(nodes), "--label", topo, "--sizes", args.diffusers_sizes,
+                          "--strategies", ",".join(run), "--out", args.out]
+                         + ["--compile"] * args.compile,
+                         os.path.join(args.out, f"flux_check_{topo}_nccl"
+                                                f"{'_compiled' * args.compile}.json"), paced_env(nodes, gbps)))
+
+    return labels, plan
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--gpus", type=int, default=torch.cuda.device_count())
-    ap.add_argument("--topologies", default=None, help="machines x GPUs, e.g. 1x4,2x2 (default: 1xN, 2x(N/2))")
+    ap.add_argument("--topologies", default=None,
+                    help="machines x GPUs, e.g. 1x4,2x2,2x2p50 (default: 1xN, 2x(N/2)); pNN: paced link")
+    ap.add_argument("--paced-gbps", type=float, default=None,
+                    help="also run every multi-machine topology over a link paced to this GB/s per GPU")
     ap.add_argument("--suites", default="probe,xdit,diffusers")
     ap.add_argument("--sizes", default="1024")
     ap.add_argument("--diffusers-sizes", default="1024,2048")
@@ -90,47 +156,13 @@ def main():
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     g = args.gpus
-    topologies = [tuple(map(int, t.split("x"))) for t in
-                  (args.topologies or f"1x{g},{2}x{g // 2}").split(",")]
-    suites = args.suites.split(",")
     os.makedirs(args.out, exist_ok=True)
-    sizes = [int(s) for s in args.sizes.split(",")]
-
-    plan = []  # (kind, name, nproc, script, args, result file)
-    for nodes, per in topologies:
-        topo = f"{nodes}x{per}"
-        if "probe" in suites and nodes > 1:
-            out = os.path.join(args.out, f"probe_{topo}.json")
-            plan.append(("probe", f"probe {topo}", g, "link_probe.py", ["--nodes", str(nodes), "--out", out], out))
-    for size in sizes if "xdit" in suites else []:
-        tag = "_compiled" if args.compile else ""
-        ref_dir = os.path.join(args.out, f"xdit_{size}_1gpu{tag}")
-        ref_args = xdit_jobs(1, 1, size, args.steps, args.compile)[0][2]
-        plan.append(("xdit", f"xdit 1 GPU {size}", 1, "xdit_random_flux.py",
-                     ref_args + ["--output_directory", ref_dir], ref_dir))
-        for nodes, per in topologies:
-            for name, nproc, job_args in xdit_jobs(g, nodes, size, args.steps, args.compile):
-                run_dir = os.path.join(args.out, f"xdit_{size}_{nodes}x{per}_{name}{tag}")
-                plan.append(("xdit", f"{name} {nodes}x{per} {size}", nproc, "xdit_random_flux.py",
-                             job_args + ["--output_directory", run_dir], run_dir))
-    if "diffusers" in suites:
-        strategies = ["torus-nccl", "torus-nvshmem", "diffusers-ulysses", "diffusers-ring"]
-        strategies += ["diffusers-unified"] if g >= 4 else []
-        for nodes, per in topologies:
-            # NVSHMEM ignores NCCL_HOSTID: under emulation it would measure NVLink (refused)
-            run = [s for s in strategies if nodes == 1 or s != "torus-nvshmem"]
-            plan.append(("diffusers", f"diffusers {nodes}x{per}", g, "flux_device_check.py",
-                         ["--nodes", str(nodes), "--sizes", args.diffusers_sizes,
-                          "--strategies", ",".join(run), "--out", args.out]
-                         + ["--compile"] * args.compile,
-                         os.path.join(args.out, f"flux_check_{nodes}x{per}_nccl"
-                                                f"{'_compiled' * args.compile}.json")))
-
+    labels, plan = build_plan(args, g)
     progress, rows = Progress(len(plan)), []
     refs: dict[int, torch.Tensor] = {}
-    for kind, name, nproc, script, job_args, result_path in plan:
+    for kind, name, nproc, script, job_args, result_path, env in plan:
         log_path = (result_path.rstrip("/") if kind != "xdit" else result_path) + ".log"
-        rc = torchrun(nproc, script, job_args, log_path, args.timeout)
+        rc = torchrun(nproc, script, job_args, log_path, args.timeout, env)
         row = {"kind": kind, "name": name, "rc": rc, "log": os.path.basename(log_path)}
         result_file = os.path.join(result_path, "result.json") if kind == "xdit" else result_path
         if rc == 0 and os.path.exists(result_file):
@@ -147,7 +179,7 @@ def main():
         progress.show(name, note)
     with open(os.path.join(args.out, f"harness{'_compiled' * args.compile}.json"), "w") as f:
         json.dump({"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                   "gpus": g, "topologies": [f"{n}x{p}" for n, p in topologies],
+                   "gpus": g, "topologies": labels,
                    "steps": args.steps, "compiled": args.compile, "rows": rows}, f, indent=2)
 
 

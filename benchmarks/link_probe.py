@@ -18,6 +18,7 @@ import time
 import torch
 import torch.distributed as dist
 
+import paced_link
 from swiftfusion_xdit.topology import emulate_machines
 
 
@@ -38,6 +39,7 @@ def main():
     ap.add_argument("--mib", type=int, default=64)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    paced_gbps = paced_link.install_from_env()  # the probe then measures the paced link
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     per_node = world // args.nodes
     emulate_machines(args.nodes)
@@ -47,7 +49,7 @@ def main():
     x, y = (torch.randn(n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     seconds = timed(lambda: dist.all_to_all_single(y, x))
     result = {"device": torch.cuda.get_device_name(), "world": world, "nodes": args.nodes,
-              "message_MiB": args.mib,
+              "message_MiB": args.mib, "paced_inter_GBps": paced_gbps,
               "world_all_to_all_busbw_GBps": args.mib * 2**20 * (world - 1) / world / seconds / 1e9}
     if args.nodes > 1:
         peer_next = (rank + per_node) % world

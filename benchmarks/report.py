@@ -21,7 +21,7 @@ from swiftfusion_xdit.tiny import FLUX_DEV_TRANSFORMER
 from validate_planner import plan_for
 
 
-def xdit_rows(folder, harness, probe):
+def xdit_rows(harness):
     rows, one_gpu = [], {}
     for row in harness["rows"]:
         r = row.get("result")
@@ -43,7 +43,7 @@ def diffusers_rows(folder):
         if not (name.startswith("flux_check_") and name.endswith(".json")):
             continue
         result = json.load(open(os.path.join(folder, name)))
-        topo = f"{result['nodes']}x{result['world'] // result['nodes']}"
+        topo = result.get("topology") or f"{result['nodes']}x{result['world'] // result['nodes']}"
         for run in result["runs"]:
             one_gpu[run["size"]] = run["one_gpu_ms"]
             rows.append(dict(path="diffusers", strategy=run["strategy"], topology=topo,
@@ -69,29 +69,46 @@ def comm_floor_ms(row, inter_GBps):
     return cross * shape.layers / (inter_GBps * 1e6)
 
 
+def load_probes(folder) -> dict[str, dict]:
+    """Topology label -> that topology's link probe from the same session."""
+    return {name[len("probe_"):-len(".json")]: json.load(open(os.path.join(folder, name)))
+            for name in sorted(os.listdir(folder)) if name.startswith("probe_") and name.endswith(".json")}
+
+
+def inter_GBps(probe: dict) -> float:
+    # a floor must not overstate: divide by the best figure the probe saw
+    return max(probe["inter_machine_GBps_per_gpu_per_direction"],
+               probe["inter_machine_all_gather_GBps_per_gpu_in"])
+
+
+def link_lines(probes: dict[str, dict]) -> list[str]:
+    lines = ["Inter-machine links measured in this session, per topology (GB/s per GPU):", ""]
+    for label, p in probes.items():
+        how = (f"paced to {p['paced_inter_GBps']:g} GB/s over NVLink (benchmarks/paced_link.py)"
+               if p.get("paced_inter_GBps") else "NCCL network transport between ranks with "
+               "different NCCL_HOSTID")
+        lines.append(f"- {label}: {p['inter_machine_GBps_per_gpu_per_direction']:.1f} send/recv, "
+                     f"{p['inter_machine_all_gather_GBps_per_gpu_in']:.1f} all-gather; {how}")
+    return lines + ["", "Comm floor = inter-machine bytes per step / the topology's best figure "
+                    "above; the NCCL-socket link varies between runs (2.1 to 3.6 GB/s in this "
+                    "project's probes), so a run can beat it.", ""]
+
+
 def main(folder):
     harness = json.load(open(os.path.join(folder, "harness.json")))
-    probe = json.load(open(os.path.join(folder, "probe_2x1.json")))
-    # a floor must not overstate: divide by the best figure the probe saw
-    inter = max(probe["inter_machine_GBps_per_gpu_per_direction"],
-                probe["inter_machine_all_gather_GBps_per_gpu_in"])
-    x_rows, x_one = xdit_rows(folder, harness, probe)
+    probes = load_probes(folder)
+    x_rows, x_one = xdit_rows(harness)
     d_rows, d_one = diffusers_rows(folder)
     lines = [f"# Harness run on {harness['device']} x {harness['gpus']}", "",
-             f"FLUX.1-dev transformer config, random bf16 weights. Inter-machine link (emulated, "
-             f"NCCL network transport between ranks with different NCCL_HOSTID) measured in this "
-             f"session: {probe['inter_machine_GBps_per_gpu_per_direction']:.1f} GB/s per GPU per "
-             f"direction (send/recv), {probe['inter_machine_all_gather_GBps_per_gpu_in']:.1f} GB/s "
-             f"(all-gather). Comm floor = inter-machine bytes per step / {inter:.1f} GB/s; the "
-             f"emulated link varies between runs (2.1 to 3.6 GB/s in this project's probes), so a "
-             f"run can beat it.", ""]
+             "FLUX.1-dev transformer config, random bf16 weights.", ""] + link_lines(probes)
     for title, rows, one in (("xDiT runner: median denoising step (ms), after warm-up", x_rows, x_one),
                              ("diffusers: one transformer forward (ms), median of 5", d_rows, d_one)):
         lines += [f"## {title}", "",
                   "| topology | size | strategy | ms | vs 1 GPU | perfect scaling ms | comm floor ms | rel err vs 1 GPU |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in sorted(rows, key=lambda r: (r["size"], r["topology"], r["ms"])):
-            floor = comm_floor_ms(r, inter)
+            probe = probes.get(r["topology"])
+            floor = comm_floor_ms(r, inter_GBps(probe)) if probe else None
             lines.append(f"| {r['topology']} | {r['size']}² | {r['strategy']} | {r['ms']:.1f} | "
                          f"{one[r['size']] / r['ms']:.2f}x | {one[r['size']] / r['gpus']:.1f} | "
                          f"{'—' if floor is None else f'{floor:.0f}'} | {r['rel_err']:.1e} |")

@@ -23,6 +23,8 @@ import sys
 
 import torch
 
+import paced_link
+
 
 def emulate_nodes(argv: list[str]) -> tuple[list[str], int]:
     """Give each rank a machine name before NCCL starts (``--emulate-nodes N``)."""
@@ -89,6 +91,7 @@ def register_random_flux():
 
 
 def main():
+    paced_gbps = paced_link.install_from_env()  # before xfuser binds anything
     sys.argv, nodes = emulate_nodes(sys.argv)
     import swiftfusion_xdit.xfuser_integration as integration
     integration.install()  # what the .pth hook does in a wheel install (editable installs skip it)
@@ -111,7 +114,8 @@ def main():
         torch.save(model_cls.latents.float().cpu(), os.path.join(out_dir, "latents.pt"))
         layout = integration._STATE.get("layout")
         result = {"device": torch.cuda.get_device_name(), "world": dist.get_world_size(),
-                  "emulated_nodes": nodes, "sp_strategy": args["sp_strategy"], "sp_comm": args["sp_comm"],
+                  "emulated_nodes": nodes, "paced_inter_GBps": paced_gbps,
+                  "sp_strategy": args["sp_strategy"], "sp_comm": args["sp_comm"],
                   "ulysses_degree": args["ulysses_degree"], "ring_degree": args["ring_degree"],
                   "pipefusion_parallel_degree": args["pipefusion_parallel_degree"],
                   "layout": layout.describe() if layout and args["sp_strategy"] == "torus" else None,

@@ -27,11 +27,16 @@ import torch.distributed as dist
 def emulate_machines(nodes: int) -> None:
     """Before NCCL starts, make this torchrun rank one of ``nodes`` emulated machines:
     ranks [k*G, (k+1)*G) are machine k (G = world / nodes). NCCL_HOSTID sends
-    NCCL's traffic between them over its network transport (loopback sockets)."""
+    NCCL's traffic between them over its network transport (loopback sockets),
+    unless a paced link is set (``SWIFTFUSION_PACED_GBPS``, benchmarks/paced_link.py):
+    then NCCL keeps NVLink and each inter-machine call is paced to that bandwidth."""
     if nodes <= 1:
         return
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    os.environ["NCCL_HOSTID"] = os.environ["SWIFTFUSION_NODE"] = f"node{rank // (world // nodes)}"
+    os.environ["SWIFTFUSION_NODE"] = f"node{rank // (world // nodes)}"
+    if os.environ.get("SWIFTFUSION_PACED_GBPS"):
+        return
+    os.environ["NCCL_HOSTID"] = os.environ["SWIFTFUSION_NODE"]
     os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
     os.environ.setdefault("NCCL_IB_DISABLE", "1")
 

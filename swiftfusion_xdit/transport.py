@@ -124,8 +124,10 @@ def join_chunks(chunks: torch.Tensor, dim: int) -> torch.Tensor:
     return chunks.movedim(0, dim).flatten(dim, dim + 1)
 
 
-# torch >= 2.13 renamed all_gather_into_tensor (the older name now warns); GPU images run 2.11
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+def _all_gather_single(*args, **kwargs):
+    # torch >= 2.13 renamed all_gather_into_tensor (the older name now warns); GPU images
+    # run 2.11. Looked up per call, so wrappers installed later (benchmarks/paced_link.py) apply.
+    return (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(*args, **kwargs)
 
 
 def _two_sided_available(name: str) -> str | None:
@@ -137,12 +139,12 @@ def _two_sided_available(name: str) -> str | None:
 
 
 def _nvshmem_available() -> str | None:
-    if os.environ.get("NCCL_HOSTID"):
-        # NCCL_HOSTID only fools NCCL; NVSHMEM would still find the peers on NVLink, so a
-        # run meant to measure the emulated network would silently measure NVLink.
-        return ("machines are emulated with NCCL_HOSTID, which NVSHMEM does not honour (its "
-                "traffic would take NVLink, not the emulated network); use comm='nccl' for "
-                "emulated runs, or unset NCCL_HOSTID")
+    if os.environ.get("NCCL_HOSTID") or os.environ.get("SWIFTFUSION_PACED_GBPS"):
+        # Both emulations act on NCCL / torch.distributed only; NVSHMEM would still reach the
+        # peers over NVLink, so a run meant to measure the emulated network would measure NVLink.
+        return ("machines are emulated (NCCL_HOSTID or a paced link), which NVSHMEM does not "
+                "honour: its traffic would take NVLink, not the emulated network; use "
+                "comm='nccl' for emulated runs")
     from . import nvshmem_transport  # GPU-only pieces are imported lazily
     return nvshmem_transport.unavailable_reason()
 

@@ -46,3 +46,19 @@ def test_report_takes_every_number_from_the_results_files(tmp_path):
     columns = [c.strip() for c in line.strip("|").split("|")]
     assert columns[6] == f"{floor_ms:.0f}"
     assert (folder / "latency.png").stat().st_size > 0 and (folder / "speedup.png").stat().st_size > 0
+
+
+def test_paced_twins_carry_their_link_and_compiled_runs_leave_them_out():
+    import argparse
+    args = argparse.Namespace(topologies="1x4,2x2", paced_gbps=50.0, compile=False, suites="probe,xdit,diffusers",
+                              sizes="1024", diffusers_sizes="1024", steps=4, out="out")
+    labels, plan = harness.build_plan(args, 4)
+    assert labels == ["1x4", "2x2", "2x2p50"]
+    paced = [job for job in plan if "2x2p50" in job[1]]
+    assert paced and all(job[6] == {"SWIFTFUSION_PACED_GBPS": "50.0", "SWIFTFUSION_PACED_NODES": "2"}
+                         for job in paced)
+    assert all(job[6] == {} for job in plan if "2x2p50" not in job[1])  # NCCL-socket runs: no pacing
+    diffusers = next(job for job in paced if job[0] == "diffusers")
+    assert "torus-nvshmem" not in diffusers[4][diffusers[4].index("--strategies") + 1]
+    labels, _ = harness.build_plan(argparse.Namespace(**{**vars(args), "compile": True}), 4)
+    assert labels == ["1x4", "2x2"]
