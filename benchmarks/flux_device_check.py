@@ -1,7 +1,14 @@
-"""FLUX.1-dev's real transformer config, random bf16 weights, on GPUs:
-parallel output equals the one-GPU output, and one forward's latency.
+"""Real transformer configs, random bf16 weights, on GPUs: parallel output
+equals the one-GPU output, and one forward's latency.
 
     torchrun --nproc-per-node 4 benchmarks/flux_device_check.py --nodes 1 --out results/
+    torchrun --nproc-per-node 4 benchmarks/flux_device_check.py --model wan2.1-14b \
+        --sizes 81x480x832 --out results/
+
+Models: FLUX.1-dev (sizes: image side, 1024 = 4,096 image + 512 text tokens)
+and Wan 2.1 14B text-to-video (sizes: frames x height x width; 81x720x1280 =
+75,600 video tokens; text enters by cross-attention, so only video tokens
+are sharded).
 
 Every rank builds the same model (same seed, built on its GPU), runs it
 unparallelised (the reference), then shards it with each strategy in turn
@@ -25,18 +32,42 @@ from swiftfusion_xdit.topology import emulate_machines
 TEXT = 512
 
 
-def build(seed):
-    from diffusers import FluxTransformer2DModel
-    from swiftfusion_xdit.tiny import FLUX_DEV_TRANSFORMER
+def build(model_name, seed):
+    from diffusers import FluxTransformer2DModel, WanTransformer3DModel
+    from swiftfusion_xdit.tiny import FLUX_DEV_TRANSFORMER, WAN21_14B_TRANSFORMER
+    cls, config = {"flux-dev": (FluxTransformer2DModel, FLUX_DEV_TRANSFORMER),
+                   "wan2.1-14b": (WanTransformer3DModel, WAN21_14B_TRANSFORMER)}[model_name]
     torch.manual_seed(seed)
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
-        model = FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER)
+        model = cls(**config)
     torch.set_default_dtype(torch.float32)
     return model.eval()
 
 
-def inputs(size, seed):
+def inputs(model_name, size: str, seed):
+    return (flux_inputs if model_name == "flux-dev" else wan_inputs)(size, seed)
+
+
+def tokens(model_name, size: str) -> int:
+    if model_name == "flux-dev":
+        return (int(size) // 16) ** 2 + TEXT
+    frames, height, width = map(int, size.split("x"))
+    return ((frames - 1) // 4 + 1) * (height // 16) * (width // 16)
+
+
+def wan_inputs(size: str, seed):
+    frames, height, width = map(int, size.split("x"))
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    latents = torch.randn(1, 16, (frames - 1) // 4 + 1, height // 8, width // 8, device="cuda",
+                          dtype=torch.bfloat16, generator=g)
+    text = torch.randn(1, TEXT, 4096, device="cuda", dtype=torch.bfloat16, generator=g)
+    return dict(hidden_states=latents, timestep=torch.tensor([500], device="cuda"),
+                encoder_hidden_states=text, return_dict=False)
+
+
+def flux_inputs(size: str, seed):
+    size = int(size)
     g = torch.Generator(device="cuda").manual_seed(seed)
     n = (size // 16) ** 2
     rand = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16, generator=g)
@@ -95,10 +126,12 @@ def native_context_parallel(model, strategy, world):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--nodes", type=int, default=1)
-    ap.add_argument("--sizes", default="1024,2048")
+    ap.add_argument("--model", default="flux-dev", choices=("flux-dev", "wan2.1-14b"))
+    ap.add_argument("--sizes", default="1024,2048", help="flux: image side; wan: FRAMESxHxW")
     ap.add_argument("--strategies", default="torus,usp,ulysses,ring")
     ap.add_argument("--comm", default="nccl", help="torus transport: nccl or nvshmem")
     ap.add_argument("--compile", action="store_true", help="torch.compile every model, reference too")
+    ap.add_argument("--repeats", type=int, default=5, help="timed forwards per strategy and size (median)")
     ap.add_argument("--label", default=None, help="topology label for the file name (default NxG)")
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
@@ -111,15 +144,16 @@ def main():
     result = {"device": torch.cuda.get_device_name(), "world": world, "nodes": args.nodes,
               "topology": label, "paced_inter_GBps": paced_gbps,
               "world_all_to_all_busbw_GBps_64MiB": all_to_all_busbw(),
-              "model": "FLUX.1-dev transformer config, random bf16 weights", "runs": []}
-    sizes = [int(s) for s in args.sizes.split(",")]
+              "model": args.model, "runs": []}
+    sizes = args.sizes.split(",")
     refs = {}
-    model = maybe_compile(build(0), args.compile)
+    model = maybe_compile(build(args.model, 0), args.compile)
     for size in sizes:
-        refs[size] = forward_ms(model, inputs(size, size))
+        refs[size] = forward_ms(model, inputs(args.model, size, 7), args.repeats)
     del model
+    torch.cuda.empty_cache()
     for strategy in args.strategies.split(","):
-        model = build(0)
+        model = build(args.model, 0)
         if strategy.startswith("diffusers-"):
             layout = native_context_parallel(model, strategy, world)
         else:  # "torus" uses --comm; "torus-nvshmem" / "torus-nccl" name it
@@ -127,13 +161,13 @@ def main():
             layout = parallelize_transformer(model, name, comm=comm or args.comm)
         model = maybe_compile(model, args.compile)
         for size in sizes:
-            out, ms = forward_ms(model, inputs(size, size))
+            out, ms = forward_ms(model, inputs(args.model, size, 7), args.repeats)
             ref, ref_ms = refs[size]
             err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
             result["runs"].append({"strategy": strategy, "comm": args.comm,
                                    "layout": layout if isinstance(layout, str) else layout.describe(),
-                                   "size": size,
-                                   "tokens": (size // 16) ** 2 + TEXT, "one_gpu_ms": ref_ms,
+                                   "size": int(size) if size.isdigit() else size,
+                                   "tokens": tokens(args.model, size), "one_gpu_ms": ref_ms,
                                    "parallel_ms": ms, "speedup": ref_ms / ms, "rel_err": err,
                                    "pass": err < 2e-2})
             if rank == 0:
@@ -142,7 +176,8 @@ def main():
         torch.cuda.empty_cache()
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
-        name = f"flux_check_{label}_{args.comm}{'_compiled' * args.compile}.json"
+        stem = "flux_check" if args.model == "flux-dev" else f"{args.model}_check"
+        name = f"{stem}_{label}_{args.comm}{'_compiled' * args.compile}.json"
         with open(os.path.join(args.out, name), "w") as f:
             json.dump(result, f, indent=2)
     dist.barrier()

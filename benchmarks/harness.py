@@ -12,6 +12,8 @@ random bf16 weights). Each configuration is its own torchrun job:
 * ``diffusers``: one forward of the transformer (= one step without CFG)
   with diffusers' native context parallelism (ulysses, ring, unified) and
   with torus over NCCL and NVSHMEM (``benchmarks/flux_device_check.py``).
+* ``video``: the same for Wan 2.1 14B text-to-video (``--video-sizes``,
+  frames x height x width; 81x480x832 = 32,760 video tokens by default).
 * ``probe``: per topology, the link bandwidths measured in the same session
   (``benchmarks/link_probe.py``); multi-machine rows state them.
 
@@ -123,18 +125,22 @@ def build_plan(args, g: int) -> tuple[list[str], list[tuple]]:
                 run_dir = os.path.join(args.out, f"xdit_{size}_{topo}_{name}{tag}")
                 plan.append(("xdit", f"{name} {topo} {size}", nproc, "xdit_random_flux.py",
                              job_args + ["--output_directory", run_dir], run_dir, paced_env(nodes, gbps)))
-    if "diffusers" in suites:
-        strategies = ["torus-nccl", "torus-nvshmem", "diffusers-ulysses", "diffusers-ring"]
-        strategies += ["diffusers-unified"] if g >= 4 else []
+    strategies = ["torus-nccl", "torus-nvshmem", "diffusers-ulysses", "diffusers-ring"]
+    strategies += ["diffusers-unified"] if g >= 4 else []
+    models = [("diffusers", "flux-dev", args.diffusers_sizes, 5), ("video", "wan2.1-14b", args.video_sizes, 3)]
+    for suite, model, model_sizes, repeats in models:
+        if suite not in suites:
+            continue
+        stem = "flux_check" if model == "flux-dev" else f"{model}_check"
         for topo, nodes, per, gbps in topologies:
             # NVSHMEM bypasses both emulations: it would measure NVLink (refused)
             run = [s for s in strategies if nodes == 1 or s != "torus-nvshmem"]
-            plan.append(("diffusers", f"diffusers {topo}", g, "flux_device_check.py",
-                         ["--nodes", str(nodes), "--label", topo, "--sizes", args.diffusers_sizes,
-                          "--strategies", ",".join(run), "--out", args.out]
+            plan.append(("diffusers", f"{suite} {topo}", g, "flux_device_check.py",
+                         ["--model", model, "--nodes", str(nodes), "--label", topo, "--sizes", model_sizes,
+                          "--strategies", ",".join(run), "--repeats", str(repeats), "--out", args.out]
                          + ["--compile"] * args.compile,
-                         os.path.join(args.out, f"flux_check_{topo}_nccl"
-                                                f"{'_compiled' * args.compile}.json"), paced_env(nodes, gbps)))
+                         os.path.join(args.out, f"{stem}_{topo}_nccl{'_compiled' * args.compile}.json"),
+                         paced_env(nodes, gbps)))
 
     return labels, plan
 
@@ -149,6 +155,7 @@ def main():
     ap.add_argument("--suites", default="probe,xdit,diffusers")
     ap.add_argument("--sizes", default="1024")
     ap.add_argument("--diffusers-sizes", default="1024,2048")
+    ap.add_argument("--video-sizes", default="81x480x832", help="Wan 2.1 14B: FRAMESxHEIGHTxWIDTH,...")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--timeout", type=int, default=300)
     ap.add_argument("--compile", action="store_true",

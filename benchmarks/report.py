@@ -16,7 +16,7 @@ import json
 import os
 import sys
 
-from swiftfusion_xdit.planner import ModelShape, bytes_per_layer
+from swiftfusion_xdit.planner import WAN21_14B, ModelShape, bytes_per_layer
 from swiftfusion_xdit.tiny import FLUX_DEV_TRANSFORMER
 from validate_planner import plan_for
 
@@ -28,10 +28,10 @@ def xdit_rows(harness):
         if row["kind"] != "xdit" or r is None:
             continue
         if r["world"] == 1:
-            one_gpu[r["height"]] = r["median_step_ms"]
+            one_gpu[("flux-dev", r["height"])] = r["median_step_ms"]
             continue
         name, topo = row["name"].split()[:2]
-        rows.append(dict(path="xdit", strategy=name, topology=topo, size=r["height"],
+        rows.append(dict(path="xdit", model="flux-dev", strategy=name, topology=topo, size=r["height"],
                          gpus=r["world"], ms=r["median_step_ms"], rel_err=row["rel_err_vs_1gpu"],
                          text_in_exchange=False))
     return rows, one_gpu
@@ -40,16 +40,28 @@ def xdit_rows(harness):
 def diffusers_rows(folder):
     rows, one_gpu = [], {}
     for name in sorted(os.listdir(folder)):
-        if not (name.startswith("flux_check_") and name.endswith(".json")):
+        if not (name.startswith(("flux_check_", "wan2.1-14b_check_")) and name.endswith(".json")):
             continue
         result = json.load(open(os.path.join(folder, name)))
+        model = result.get("model") if result.get("model") in ("flux-dev", "wan2.1-14b") else "flux-dev"
         topo = result.get("topology") or f"{result['nodes']}x{result['world'] // result['nodes']}"
         for run in result["runs"]:
-            one_gpu[run["size"]] = run["one_gpu_ms"]
-            rows.append(dict(path="diffusers", strategy=run["strategy"], topology=topo,
+            one_gpu[(model, run["size"])] = run["one_gpu_ms"]
+            rows.append(dict(path="diffusers", model=model, strategy=run["strategy"], topology=topo,
                              size=run["size"], gpus=result["world"], ms=run["parallel_ms"],
                              rel_err=run["rel_err"], text_in_exchange=True))
     return rows, one_gpu
+
+
+def model_shape(row) -> ModelShape:
+    if row["model"] == "wan2.1-14b":
+        return ModelShape.wan(WAN21_14B, *map(int, row["size"].split("x")))
+    return ModelShape.flux(FLUX_DEV_TRANSFORMER, row["size"], row["size"],
+                           text_in_exchange=row["text_in_exchange"])
+
+
+def size_label(row) -> str:
+    return f"{row['size']}²" if row["model"] == "flux-dev" else f"Wan {row['size']}"
 
 
 def comm_floor_ms(row, inter_GBps):
@@ -58,8 +70,7 @@ def comm_floor_ms(row, inter_GBps):
         return None
     kind = {"torus-nccl": "torus", "diffusers-ulysses": "ulysses", "diffusers-ring": "ring",
             "diffusers-unified": None}.get(row["strategy"], "torus" if "torus" in row["strategy"] else "")
-    shape = ModelShape.flux(FLUX_DEV_TRANSFORMER, row["size"], row["size"],
-                            text_in_exchange=row["text_in_exchange"])
+    shape = model_shape(row)
     plan = plan_for(kind, row["strategy"], row["gpus"], nodes, shape) if kind is not None else None
     if plan is None:
         return None
@@ -106,13 +117,15 @@ def main(folder):
         lines += [f"## {title}", "",
                   "| topology | size | strategy | ms | vs 1 GPU | perfect scaling ms | comm floor ms | rel err vs 1 GPU |",
                   "|---|---|---|---|---|---|---|---|"]
-        for r in sorted(rows, key=lambda r: (r["size"], r["topology"], r["ms"])):
+        for r in sorted(rows, key=lambda r: (r["model"], str(r["size"]), r["topology"], r["ms"])):
             probe = probes.get(r["topology"])
             floor = comm_floor_ms(r, inter_GBps(probe)) if probe else None
-            lines.append(f"| {r['topology']} | {r['size']}² | {r['strategy']} | {r['ms']:.1f} | "
-                         f"{one[r['size']] / r['ms']:.2f}x | {one[r['size']] / r['gpus']:.1f} | "
+            base = one[(r["model"], r["size"])]
+            lines.append(f"| {r['topology']} | {size_label(r)} | {r['strategy']} | {r['ms']:.1f} | "
+                         f"{base / r['ms']:.2f}x | {base / r['gpus']:.1f} | "
                          f"{'—' if floor is None else f'{floor:.0f}'} | {r['rel_err']:.1e} |")
-        lines += ["", f"One GPU: " + ", ".join(f"{s}² {t:.1f} ms" for s, t in sorted(one.items())), ""]
+        lines += ["", "One GPU: " + ", ".join(f"{size_label(dict(model=m, size=s))} {t:.1f} ms"
+                                           for (m, s), t in sorted(one.items(), key=str)), ""]
     lines += ["## torus vs the best xDiT USP split (same run)", "",
               "| topology | size | torus ms | best USP | USP ms | speedup |", "|---|---|---|---|---|---|"]
     speedups = []
@@ -134,17 +147,17 @@ def plot(folder, rows, speedups, device):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    configs = sorted({(r["path"], r["topology"], r["size"]) for r in rows})
+    configs = sorted({(r["path"], r["topology"], r["model"], str(r["size"])) for r in rows})
     fig, axes = plt.subplots(1, len(configs), figsize=(3.2 * len(configs), 4), squeeze=False)
-    for ax, (path, topo, size) in zip(axes[0], configs):
-        group = sorted((r for r in rows if (r["path"], r["topology"], r["size"]) == (path, topo, size)),
-                       key=lambda r: r["ms"])
+    for ax, (path, topo, model, size) in zip(axes[0], configs):
+        group = sorted((r for r in rows if (r["path"], r["topology"], r["model"], str(r["size"]))
+                        == (path, topo, model, size)), key=lambda r: r["ms"])
         ax.barh([r["strategy"] for r in group], [r["ms"] for r in group],
                 color=["tab:red" if "torus" in r["strategy"] else "tab:gray" for r in group])
-        ax.set_title(f"{path} {topo} {size}²", fontsize=9)
+        ax.set_title(f"{path} {topo} {size_label(group[0])}", fontsize=9)
         ax.set_xlabel("ms per step")
         ax.tick_params(labelsize=7)
-    fig.suptitle(f"FLUX.1-dev config, random weights, {device}", fontsize=10)
+    fig.suptitle(f"real configs, random weights, {device}", fontsize=10)
     fig.tight_layout()
     fig.savefig(os.path.join(folder, "latency.png"), dpi=110)
     fig, ax = plt.subplots(figsize=(4, 3))

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .tiny import WAN21_14B_TRANSFORMER
+
 from .torus_attention import choose_exchange
 
 
@@ -94,7 +96,7 @@ class ModelShape:
                    gemm_params_per_token=per_layer * config["num_layers"], image_tokens=tokens)
 
 
-WAN21_14B = dict(num_layers=40, num_attention_heads=40, attention_head_dim=128, ffn_dim=13824)
+WAN21_14B = WAN21_14B_TRANSFORMER
 
 
 @dataclass(frozen=True)

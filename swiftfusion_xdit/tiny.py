@@ -16,6 +16,12 @@ FLUX_DEV_TRANSFORMER = dict(  # FLUX.1-dev's transformer/config.json
     num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
     guidance_embeds=True, axes_dims_rope=(16, 56, 56))
 
+WAN21_14B_TRANSFORMER = dict(  # Wan-AI/Wan2.1-T2V-14B-Diffusers transformer/config.json
+    patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16,
+    out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40,
+    cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None,
+    added_kv_proj_dim=None, rope_max_seq_len=1024)
+
 TINY_FLUX_TRANSFORMER = dict(
     patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
     num_attention_heads=8, joint_attention_dim=32, pooled_projection_dim=32,

@@ -50,8 +50,9 @@ def test_report_takes_every_number_from_the_results_files(tmp_path):
 
 def test_paced_twins_carry_their_link_and_compiled_runs_leave_them_out():
     import argparse
-    args = argparse.Namespace(topologies="1x4,2x2", paced_gbps=50.0, compile=False, suites="probe,xdit,diffusers",
-                              sizes="1024", diffusers_sizes="1024", steps=4, out="out")
+    args = argparse.Namespace(topologies="1x4,2x2", paced_gbps=50.0, compile=False,
+                              suites="probe,xdit,diffusers,video", sizes="1024", diffusers_sizes="1024",
+                              video_sizes="81x480x832", steps=4, out="out")
     labels, plan = harness.build_plan(args, 4)
     assert labels == ["1x4", "2x2", "2x2p50"]
     paced = [job for job in plan if "2x2p50" in job[1]]
@@ -60,5 +61,8 @@ def test_paced_twins_carry_their_link_and_compiled_runs_leave_them_out():
     assert all(job[6] == {} for job in plan if "2x2p50" not in job[1])  # NCCL-socket runs: no pacing
     diffusers = next(job for job in paced if job[0] == "diffusers")
     assert "torus-nvshmem" not in diffusers[4][diffusers[4].index("--strategies") + 1]
+    video = [job for job in plan if job[1] == "video 2x2p50"]
+    assert len(video) == 1 and video[0][4][:2] == ["--model", "wan2.1-14b"]
+    assert video[0][5].endswith("wan2.1-14b_check_2x2p50_nccl.json")
     labels, _ = harness.build_plan(argparse.Namespace(**{**vars(args), "compile": True}), 4)
     assert labels == ["1x4", "2x2"]

@@ -1,6 +1,7 @@
 """Cost model arithmetic (bytes per strategy by hand) and plan ranking on synthetic inputs."""
 
 import pytest
+import torch
 
 from swiftfusion_xdit import planner
 from swiftfusion_xdit.cli import main as cli_main
@@ -87,3 +88,21 @@ def test_plan_command_refuses_an_empty_cluster(capsys):
     with pytest.raises(SystemExit):
         cli_main(["plan", "--nodes", "0", "--gpus-per-node", "8"])
     assert "--nodes: must be a positive whole number, not 0" in capsys.readouterr().err
+
+
+def test_cost_model_weights_match_the_real_model_classes():
+    """The GEMM weights the planner charges per token, against the real diffusers classes
+    built from the real configs on the meta device (no memory, no download)."""
+    from diffusers import FluxTransformer2DModel, WanTransformer3DModel
+    from swiftfusion_xdit.planner import WAN21_14B
+    with torch.device("meta"):
+        wan = sum(p.numel() for p in WanTransformer3DModel(**WAN21_14B).parameters())
+        flux = sum(p.numel() for p in FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER).parameters())
+    h = 40 * 128
+    # Wan: the text side of cross-attention (K, V: 2h^2 a layer) runs on text tokens only
+    charged = ModelShape.wan(WAN21_14B, 81, 480, 832).gemm_params_per_token + 2 * h * h * 40
+    assert abs(wan - charged) / wan < 0.02 and 13.5e9 < wan < 14.5e9
+    # Flux: a double block holds two streams (18h^2 each); a token passes only its own
+    hf = 24 * 128
+    charged = ModelShape.flux(FLUX_DEV_TRANSFORMER, 1024, 1024).gemm_params_per_token + 19 * 18 * hf * hf
+    assert abs(flux - charged) / flux < 0.02 and 11.5e9 < flux < 12.5e9
