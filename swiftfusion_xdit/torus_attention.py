@@ -62,7 +62,7 @@ import torch.distributed as dist
 from torch.profiler import record_function
 
 from .block_attention import Kernel, merge_into, pick_kernel
-from .transport import Transport, resolve_transport
+from .transport import Transport, join_chunks, resolve_transport
 
 
 @dataclass
@@ -127,8 +127,8 @@ def torus_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: S
     if joint is None or joint.q is None:
         return out
     if exchange == "a2a" and T > 1:
-        joint_out = _gather_heads(joint_out, groups.torus)
-    return out, _gather_heads(joint_out, groups.ulysses)
+        joint_out = _gather_heads(joint_out, groups.torus, transport)
+    return out, _gather_heads(joint_out, groups.ulysses, transport)
 
 
 def choose_exchange(heads: int, ulysses: int, torus: int) -> str:
@@ -187,9 +187,12 @@ def _head_slice(joint: Joint | None, start: int, count: int) -> Joint | None:
     return Joint(pick(joint.q), pick(joint.k), pick(joint.v))
 
 
-def _gather_heads(x: torch.Tensor, group) -> torch.Tensor:
+def _gather_heads(x: torch.Tensor, group, transport: Transport) -> torch.Tensor:
+    """(B, h, n, D) per rank -> (B, P*h, n, D), ranks' head groups in order."""
     if group is None or dist.get_world_size(group) == 1:
         return x
+    if hasattr(transport, "all_gather"):
+        return join_chunks(transport.all_gather(x, group).wait(), 1)
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, x.contiguous(), group=group)
     return torch.cat(parts, dim=1)

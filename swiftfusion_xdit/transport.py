@@ -18,6 +18,12 @@ Transports are registered by name, like diffusers' attention backends:
 with attention on the compute stream, and ``wait()`` only makes the compute
 stream wait, it does not block the host); ``nvshmem`` (one-sided puts with
 signals) lives in ``swiftfusion_xdit.nvshmem_transport``.
+
+Under ``torch.compile`` the two-sided transport issues functional
+collectives instead (``all_to_all_single``; a torus step is a
+``permute_tensor`` in which every rank shifts by the same distance, which is
+exactly the schedule's step), so dynamo traces Torus Attention into one graph
+and the compiler keeps each exchange in flight until its ``wait()``.
 ``resolve_transport`` says which one is used and why.
 """
 
@@ -30,6 +36,7 @@ from typing import Callable, Protocol
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +79,16 @@ class _GatherPending:
         return self.gathered
 
 
+@dataclass
+class _FunctionalPending:
+    """A functional collective in flight (compiled graphs): its wait is the graph's wait."""
+    moved: torch.Tensor
+    shape: tuple
+
+    def wait(self) -> torch.Tensor:
+        return funcol.wait_tensor(self.moved).view(self.shape)
+
+
 class _Done:
     def __init__(self, tensor: torch.Tensor):
         self.tensor = tensor
@@ -90,8 +107,11 @@ class TwoSidedTransport:
                    gather_dim: int = 0) -> torch.Tensor:
         P = dist.get_world_size(group)
         send = split_chunks(x, P, scatter_dim).contiguous()  # packing copy: NCCL needs it flat
-        recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=group)
+        if torch.compiler.is_compiling():
+            recv = funcol.wait_tensor(funcol.all_to_all_single(send, None, None, group))
+        else:
+            recv = torch.empty_like(send)
+            dist.all_to_all_single(recv, send, group=group)
         return join_chunks(recv, gather_dim)
 
     def exchange(self, send: torch.Tensor, dst: int, src: int,
@@ -99,6 +119,12 @@ class TwoSidedTransport:
         me = dist.get_rank(group)
         if dst == me and src == me:
             return _Done(send)
+        if torch.compiler.is_compiling():
+            # every rank of the group shifts by the same distance in a torus step
+            shift, P = (dst - me) % dist.get_world_size(group), dist.get_world_size(group)
+            moved = funcol.permute_tensor(send.contiguous().flatten(), [(r + shift) % P for r in range(P)],
+                                          group)
+            return _FunctionalPending(moved, send.shape)
         recv = torch.empty_like(send)
         ops = [dist.P2POp(dist.irecv, recv, dist.get_global_rank(group, src), group),
                dist.P2POp(dist.isend, send.contiguous(), dist.get_global_rank(group, dst), group)]
@@ -109,6 +135,8 @@ class TwoSidedTransport:
         ring all-gather moved 2.7 GB/s per GPU where send/recv moved 2.1
         (benchmarks/results/h200x2/probe_2x1.json; 3.6 vs 2.6 in an earlier run)."""
         world = dist.get_world_size(group)
+        if torch.compiler.is_compiling():
+            return _FunctionalPending(funcol.all_gather_tensor(x.contiguous(), 0, group), (world, *x.shape))
         flat = x.new_empty((world * x.shape[0], *x.shape[1:]))  # received in place: no stacking copy
         work = _all_gather_single(flat, x.contiguous(), group=group, async_op=True)
         return _GatherPending(work, flat.view(world, *x.shape))
