@@ -117,7 +117,7 @@ def parallelize_transformer(transformer: torch.nn.Module, strategy: str = "torus
     cp = TorusContextParallelConfig(
         ring_degree=layout.dims.torus, ulysses_degree=layout.dims.ulysses, mesh=cp_mesh,
         sp_groups=SPGroups(mesh.ulysses_group, mesh.torus_group, layout.torus_exchange),
-        transport=resolve_transport(comm), kernel=kernel)
+        transport=resolve_transport(comm, layout.topology.num_nodes), kernel=kernel)
     config = ParallelConfig(context_parallel_config=cp)
     config.setup(dist.get_rank(), dist.get_world_size(), device, mesh=cp_mesh)
     transformer._parallel_config = config

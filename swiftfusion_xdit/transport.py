@@ -158,7 +158,7 @@ def _all_gather_single(*args, **kwargs):
     return (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(*args, **kwargs)
 
 
-def _two_sided_available(name: str) -> str | None:
+def _two_sided_available(name: str, machines: int = 1) -> str | None:
     if not dist.is_available():
         return "torch.distributed is not available in this torch build"
     if name == "nccl" and not (torch.cuda.is_available() and dist.is_nccl_available()):
@@ -166,13 +166,16 @@ def _two_sided_available(name: str) -> str | None:
     return None
 
 
-def _nvshmem_available() -> str | None:
+def _nvshmem_available(machines: int = 1) -> str | None:
     if os.environ.get("NCCL_HOSTID") or os.environ.get("SWIFTFUSION_PACED_GBPS"):
         # Both emulations act on NCCL / torch.distributed only; NVSHMEM would still reach the
         # peers over NVLink, so a run meant to measure the emulated network would measure NVLink.
         return ("machines are emulated (NCCL_HOSTID or a paced link), which NVSHMEM does not "
                 "honour: its traffic would take NVLink, not the emulated network; use "
                 "comm='nccl' for emulated runs")
+    if machines > 1:
+        return (f"the layout spans {machines} machines, and the one-sided kernels store into "
+                "peers' memory over NVLink (one machine); use comm='nccl' across machines")
     from . import nvshmem_transport  # GPU-only pieces are imported lazily
     return nvshmem_transport.unavailable_reason()
 
@@ -183,33 +186,35 @@ def _make_nvshmem(name: str) -> Transport:
 
 
 # name -> (why unavailable or None, factory)
-_REGISTRY: dict[str, tuple[Callable[[], str | None], Callable[[str], Transport]]] = {
-    "gloo": (lambda: _two_sided_available("gloo"), TwoSidedTransport),
-    "nccl": (lambda: _two_sided_available("nccl"), TwoSidedTransport),
+_REGISTRY: dict[str, tuple[Callable[[int], str | None], Callable[[str], Transport]]] = {
+    "gloo": (lambda machines: _two_sided_available("gloo"), TwoSidedTransport),
+    "nccl": (lambda machines: _two_sided_available("nccl"), TwoSidedTransport),
     "nvshmem": (_nvshmem_available, _make_nvshmem),
 }
 
 
-def unavailable_reason(name: str) -> str | None:
+def unavailable_reason(name: str, machines: int = 1) -> str | None:
+    """Why transport ``name`` cannot serve a layout over ``machines`` machines (None: it can)."""
     if name not in _REGISTRY:
         return f"unknown transport {name!r}; choose one of {sorted(_REGISTRY)} or 'auto'"
-    return _REGISTRY[name][0]()
+    return _REGISTRY[name][0](machines)
 
 
-def resolve_transport(requested: str = "auto") -> Transport:
-    """Pick the transport; ``auto`` prefers NVSHMEM, then NCCL, then gloo."""
+def resolve_transport(requested: str = "auto", machines: int = 1) -> Transport:
+    """Pick the transport for a layout over ``machines`` machines; ``auto`` prefers
+    NVSHMEM (one machine), then NCCL, then gloo."""
     backend = dist.get_backend() if dist.is_initialized() else None
     if requested == "auto":
         if backend != "nccl":
             log.info("transport gloo: the process group backend is %s", backend)
             return TwoSidedTransport("gloo")
-        why_not = unavailable_reason("nvshmem")
+        why_not = unavailable_reason("nvshmem", machines)
         if why_not is None:
             log.info("transport nvshmem: nvshmem4py is installed and initialised")
             return _REGISTRY["nvshmem"][1]("nvshmem")
         log.info("transport nccl: NVSHMEM not used (%s)", why_not)
         return TwoSidedTransport("nccl")
-    why_not = unavailable_reason(requested)
+    why_not = unavailable_reason(requested, machines)
     if why_not:
         raise RuntimeError(f"transport {requested!r} cannot be used: {why_not}")
     if requested in ("gloo", "nccl") and backend is not None and backend != requested:

@@ -164,7 +164,7 @@ def enable_torus(layout: TorusLayout, comm: str = "auto") -> None:
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"
     mesh = build_mesh(layout, device)
     _STATE.update(groups=SPGroups(mesh.ulysses_group, mesh.torus_group, "auto"),
-                  transport=resolve_transport(comm), layout=layout)
+                  transport=resolve_transport(comm, layout.topology.num_nodes), layout=layout)
     _route_usp_everywhere()
 
 

@@ -22,6 +22,12 @@ def test_nvshmem_refused_under_emulated_machines(monkeypatch):
     assert "does not honour" in tr.unavailable_reason("nvshmem")
 
 
+def test_nvshmem_refused_for_a_layout_across_machines():
+    assert "spans 2 machines" in tr.unavailable_reason("nvshmem", machines=2)
+    with pytest.raises(RuntimeError, match="use comm='nccl' across machines"):
+        tr.resolve_transport("nvshmem", machines=2)
+
+
 def test_nccl_on_cpu_says_it_needs_cuda():
     with pytest.raises(RuntimeError, match="NCCL needs a CUDA GPU"):
         tr.resolve_transport("nccl")
