@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -160,17 +161,25 @@ def main():
     ap.add_argument("--timeout", type=int, default=300)
     ap.add_argument("--compile", action="store_true",
                     help="compiled runs: xfuser's --use_torch_compile, torch.compile on the diffusers path")
+    ap.add_argument("--append", action="store_true",
+                    help="add to the folder's harness.json (device calls are capped at 10 minutes: "
+                         "run a few topologies per call; the one-GPU reference is reused)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     g = args.gpus
     os.makedirs(args.out, exist_ok=True)
     labels, plan = build_plan(args, g)
-    progress, rows = Progress(len(plan)), []
+    summary_path = os.path.join(args.out, f"harness{'_compiled' * args.compile}.json")
+    earlier = json.load(open(summary_path)) if args.append and os.path.exists(summary_path) else None
     refs: dict[int, torch.Tensor] = {}
+    if earlier:
+        plan = [job for job in plan if not _reusable_reference(job, earlier, refs)]
+    progress, rows = Progress(len(plan)), []
     for kind, name, nproc, script, job_args, result_path, env in plan:
         log_path = (result_path.rstrip("/") if kind != "xdit" else result_path) + ".log"
         rc = torchrun(nproc, script, job_args, log_path, args.timeout, env)
-        row = {"kind": kind, "name": name, "rc": rc, "log": os.path.basename(log_path)}
+        row = {"kind": kind, "name": name, "rc": rc, "log": os.path.basename(log_path),
+               "host": socket.gethostname()}
         result_file = os.path.join(result_path, "result.json") if kind == "xdit" else result_path
         if rc == 0 and os.path.exists(result_file):
             with open(result_file) as f:
@@ -180,14 +189,31 @@ def main():
                 size = row["result"]["height"]
                 refs.setdefault(size, latents)
                 row["rel_err_vs_1gpu"] = rel_err(latents, refs[size])
-                os.remove(os.path.join(result_path, "latents.pt"))  # large; the error is what we keep
+                if row["result"]["world"] > 1:  # the error is what we keep; the reference stays for --append
+                    os.remove(os.path.join(result_path, "latents.pt"))
         rows.append(row)
         note = "FAILED (see log)" if rc else _summary(row)
         progress.show(name, note)
-    with open(os.path.join(args.out, f"harness{'_compiled' * args.compile}.json"), "w") as f:
+    if earlier:
+        names = {row["name"] for row in rows}
+        rows = [row for row in earlier["rows"] if row["name"] not in names] + rows
+        labels = earlier["topologies"] + [t for t in labels if t not in earlier["topologies"]]
+    with open(summary_path, "w") as f:
         json.dump({"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                    "gpus": g, "topologies": labels,
                    "steps": args.steps, "compiled": args.compile, "rows": rows}, f, indent=2)
+
+
+def _reusable_reference(job, earlier: dict, refs: dict) -> bool:
+    """A one-GPU reference that an earlier call of this folder already ran (latents kept)."""
+    kind, name, nproc, _, _, result_path, _ = job
+    done = any(row["name"] == name and row["rc"] == 0 for row in earlier["rows"])
+    latents = os.path.join(result_path, "latents.pt")
+    if kind != "xdit" or nproc != 1 or not done or not os.path.exists(latents):
+        return False
+    with open(os.path.join(result_path, "result.json")) as f:
+        refs[json.load(f)["height"]] = torch.load(latents)
+    return True
 
 
 def _summary(row) -> str:

@@ -1,5 +1,9 @@
 """swiftfusion-xdit: topology-aware sequence parallelism (Torus Attention) for xDiT and diffusers."""
 
+import importlib.util
+import os
+import sys
+
 from swiftfusion_xdit_autoload import run_after_import
 
 from .mesh import LayoutError, ParallelDims, TorusLayout, build_mesh, plan_layout
@@ -7,6 +11,24 @@ from .topology import Topology, detect_topology
 from .torus_attention import Joint, SPGroups, torus_attention
 
 __version__ = "0.1.0"
+
+
+def _kernels_from_checkout() -> None:
+    """``kernels/`` sits at the repository top and is installed inside the package as
+    ``swiftfusion_xdit.kernels`` (pyproject.toml maps it). Imported from a source checkout
+    (``python -m pytest`` in the repository), the package finds it there instead."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    source = os.path.join(os.path.dirname(here), "kernels", "__init__.py")
+    if os.path.isdir(os.path.join(here, "kernels")) or not os.path.isfile(source):
+        return  # installed: the kernels are inside the package
+    spec = importlib.util.spec_from_file_location(f"{__name__}.kernels", source,
+                                                  submodule_search_locations=[os.path.dirname(source)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+
+
+_kernels_from_checkout()
 
 
 def enable_parallel(pipe, strategy: str = "torus", **kwargs):

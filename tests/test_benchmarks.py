@@ -66,3 +66,18 @@ def test_paced_twins_carry_their_link_and_compiled_runs_leave_them_out():
     assert video[0][5].endswith("wan2.1-14b_check_2x2p50_nccl.json")
     labels, _ = harness.build_plan(argparse.Namespace(**{**vars(args), "compile": True}), 4)
     assert labels == ["1x4", "2x2"]
+
+
+def test_append_reuses_the_one_gpu_reference_an_earlier_call_left(tmp_path):
+    import torch
+    ref_dir = tmp_path / "xdit_1024_1gpu"
+    ref_dir.mkdir()
+    (ref_dir / "result.json").write_text(json.dumps({"height": 1024, "world": 1}))
+    torch.save(torch.ones(3), ref_dir / "latents.pt")
+    job = ("xdit", "xdit 1 GPU 1024", 1, "xdit_random_flux.py", [], str(ref_dir), {})
+    earlier = {"rows": [{"name": "xdit 1 GPU 1024", "rc": 0}]}
+    refs = {}
+    assert harness._reusable_reference(job, earlier, refs) and torch.equal(refs[1024], torch.ones(3))
+    assert not harness._reusable_reference(job, {"rows": [{"name": "xdit 1 GPU 1024", "rc": 1}]}, {})
+    multi = ("xdit", "xdit-usp-u2r1 1x2 1024", 2, "xdit_random_flux.py", [], str(ref_dir), {})
+    assert not harness._reusable_reference(multi, earlier, {})  # only one-GPU references are reused
