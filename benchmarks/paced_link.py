@@ -195,6 +195,11 @@ _pending_waits: dict = {}  # storage address of a functional result -> its link'
 
 
 def _funcol_members(group) -> list[int]:
+    from torch.distributed.device_mesh import DeviceMesh
+    if isinstance(group, tuple) and len(group) == 2 and isinstance(group[0], DeviceMesh):
+        group = group[0].get_group(group[1])  # (mesh, dim)
+    elif isinstance(group, DeviceMesh):
+        group = group.get_group()
     if isinstance(group, dist.ProcessGroup):
         return dist.get_process_group_ranks(group)
     if isinstance(group, (list, tuple)) and all(isinstance(r, int) for r in group):

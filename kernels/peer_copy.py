@@ -178,6 +178,9 @@ class _Layout:
     """
 
     def __init__(self, send: torch.Tensor, region, buffers: PeerBuffers):
+        if max(buffers.data[0].numel(), send[0].numel() * send.shape[0]) >= 2**31:
+            raise ValueError("the peer-copy kernels index with 32-bit offsets: a channel slot or a "
+                             "send buffer of 2**31 elements or more has to be split into several calls")
         self.dsts = []
         for slot in (0, 1):
             recv_view = region(buffers.data[slot])

@@ -200,7 +200,9 @@ class NvshmemTransport:
         send = split_chunks(x, P, scatter_dim)
         recv_shape = join_chunks(torch.empty(send.shape, device="meta"), gather_dim).shape
         ch = self._channel("a2a", recv_shape, x.dtype, group, send[0].numel() * x.element_size())
-        return ch, me, ch.table(tuple((me + i) % P for i in range(P)))  # each rank starts on another peer
+        # the first CTAs go to the next peer (remote stores start first, our own copy last),
+        # and each rank starts on a different peer
+        return ch, me, ch.table(tuple((me + 1 + i) % P for i in range(P)))
 
     @torch.compiler.disable  # host-side use counts: run eagerly inside compiled models
     def all_to_all(self, x: torch.Tensor, group, scatter_dim: int = 0, gather_dim: int = 0):
