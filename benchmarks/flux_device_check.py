@@ -142,7 +142,7 @@ def main():
     from swiftfusion_xdit.diffusers_integration import ensure_distributed, parallelize_transformer
     ensure_distributed()
     result = {"device": torch.cuda.get_device_name(), "world": world, "nodes": args.nodes,
-              "topology": label, "paced_inter_GBps": paced_gbps,
+              "topology": label, "paced_inter_GBps": paced_gbps, "compiled": args.compile,
               "world_all_to_all_busbw_GBps_64MiB": all_to_all_busbw(),
               "model": args.model, "runs": []}
     sizes = args.sizes.split(",")

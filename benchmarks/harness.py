@@ -164,11 +164,16 @@ def main():
     ap.add_argument("--append", action="store_true",
                     help="add to the folder's harness.json (device calls are capped at 10 minutes: "
                          "run a few topologies per call; the one-GPU reference is reused)")
+    ap.add_argument("--dry-run", action="store_true", help="list the jobs (to split a session's calls) and exit")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     g = args.gpus
-    os.makedirs(args.out, exist_ok=True)
     labels, plan = build_plan(args, g)
+    if args.dry_run:
+        for kind, name, nproc, script, job_args, _, env in plan:
+            print(f"{name}: torchrun -n {nproc} {script} {' '.join(job_args)} {env or ''}")
+        return
+    os.makedirs(args.out, exist_ok=True)
     summary_path = os.path.join(args.out, f"harness{'_compiled' * args.compile}.json")
     earlier = json.load(open(summary_path)) if args.append and os.path.exists(summary_path) else None
     refs: dict[int, torch.Tensor] = {}

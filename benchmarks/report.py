@@ -23,17 +23,18 @@ from validate_planner import plan_for
 
 def xdit_rows(harness):
     rows, one_gpu = [], {}
+    compiled = harness.get("compiled", False)
     for row in harness["rows"]:
         r = row.get("result")
         if row["kind"] != "xdit" or r is None:
             continue
         if r["world"] == 1:
-            one_gpu[("flux-dev", r["height"])] = r["median_step_ms"]
+            one_gpu[("flux-dev", r["height"], compiled)] = r["median_step_ms"]
             continue
         name, topo = row["name"].split()[:2]
-        rows.append(dict(path="xdit", model="flux-dev", strategy=name, topology=topo, size=r["height"],
-                         gpus=r["world"], ms=r["median_step_ms"], rel_err=row["rel_err_vs_1gpu"],
-                         text_in_exchange=False))
+        rows.append(dict(path="xdit", model="flux-dev", strategy=name,
+                         compiled=compiled, topology=topo, size=r["height"], gpus=r["world"],
+                         ms=r["median_step_ms"], rel_err=row["rel_err_vs_1gpu"], text_in_exchange=False))
     return rows, one_gpu
 
 
@@ -45,9 +46,11 @@ def diffusers_rows(folder):
         result = json.load(open(os.path.join(folder, name)))
         model = result.get("model") if result.get("model") in ("flux-dev", "wan2.1-14b") else "flux-dev"
         topo = result.get("topology") or f"{result['nodes']}x{result['world'] // result['nodes']}"
+        compiled = result.get("compiled", name.endswith("_compiled.json"))
         for run in result["runs"]:
-            one_gpu[(model, run["size"])] = run["one_gpu_ms"]
-            rows.append(dict(path="diffusers", model=model, strategy=run["strategy"], topology=topo,
+            one_gpu[(model, run["size"], compiled)] = run["one_gpu_ms"]
+            rows.append(dict(path="diffusers", model=model, strategy=run["strategy"],
+                             compiled=compiled, topology=topo,
                              size=run["size"], gpus=result["world"], ms=run["parallel_ms"],
                              rel_err=run["rel_err"], text_in_exchange=True))
     return rows, one_gpu
@@ -58,6 +61,10 @@ def model_shape(row) -> ModelShape:
         return ModelShape.wan(WAN21_14B, *map(int, row["size"].split("x")))
     return ModelShape.flux(FLUX_DEV_TRANSFORMER, row["size"], row["size"],
                            text_in_exchange=row["text_in_exchange"])
+
+
+def shown(row) -> str:
+    return row["strategy"] + " compiled" * row["compiled"]
 
 
 def size_label(row) -> str:
@@ -109,6 +116,10 @@ def main(folder):
     harness = json.load(open(os.path.join(folder, "harness.json")))
     probes = load_probes(folder)
     x_rows, x_one = xdit_rows(harness)
+    compiled_path = os.path.join(folder, "harness_compiled.json")
+    if os.path.exists(compiled_path):  # --compile runs: compared with compiled runs only
+        c_rows, c_one = xdit_rows(json.load(open(compiled_path)))
+        x_rows, x_one = x_rows + c_rows, {**x_one, **c_one}
     d_rows, d_one = diffusers_rows(folder)
     lines = [f"# Harness run on {harness['device']} x {harness['gpus']}", "",
              "FLUX.1-dev transformer config, random bf16 weights.", ""] + link_lines(probes)
@@ -120,22 +131,23 @@ def main(folder):
         for r in sorted(rows, key=lambda r: (r["model"], str(r["size"]), r["topology"], r["ms"])):
             probe = probes.get(r["topology"])
             floor = comm_floor_ms(r, inter_GBps(probe)) if probe else None
-            base = one[(r["model"], r["size"])]
-            lines.append(f"| {r['topology']} | {size_label(r)} | {r['strategy']} | {r['ms']:.1f} | "
+            base = one[(r["model"], r["size"], r["compiled"])]
+            lines.append(f"| {r['topology']} | {size_label(r)} | {shown(r)} | {r['ms']:.1f} | "
                          f"{base / r['ms']:.2f}x | {base / r['gpus']:.1f} | "
                          f"{'—' if floor is None else f'{floor:.0f}'} | {r['rel_err']:.1e} |")
-        lines += ["", "One GPU: " + ", ".join(f"{size_label(dict(model=m, size=s))} {t:.1f} ms"
-                                           for (m, s), t in sorted(one.items(), key=str)), ""]
+        lines += ["", "One GPU: " + ", ".join(f"{size_label(dict(model=m, size=s))}{' compiled' * c} {t:.1f} ms"
+                                           for (m, s, c), t in sorted(one.items(), key=str)), ""]
     lines += ["## torus vs the best xDiT USP split (same run)", "",
               "| topology | size | torus ms | best USP | USP ms | speedup |", "|---|---|---|---|---|---|"]
     speedups = []
-    for (topo, size) in sorted({(r["topology"], r["size"]) for r in x_rows}):
-        group = [r for r in x_rows if (r["topology"], r["size"]) == (topo, size)]
+    for (topo, size, compiled) in sorted({(r["topology"], r["size"], r["compiled"]) for r in x_rows}):
+        group = [r for r in x_rows if (r["topology"], r["size"], r["compiled"]) == (topo, size, compiled)]
         usp = min((r for r in group if "usp" in r["strategy"]), key=lambda r: r["ms"])
         torus = next(r for r in group if "torus" in r["strategy"])
-        speedups.append((f"{topo} {size}²", usp["ms"] / torus["ms"]))
-        lines.append(f"| {topo} | {size}² | {torus['ms']:.1f} | {usp['strategy']} | {usp['ms']:.1f} | "
-                     f"{usp['ms'] / torus['ms']:.2f}x |")
+        label = f"{topo} {size}²{' compiled' * compiled}"
+        speedups.append((label, usp["ms"] / torus["ms"]))
+        lines.append(f"| {topo} | {size}²{' compiled' * compiled} | {torus['ms']:.1f} | {shown(usp)} | "
+                     f"{usp['ms']:.1f} | {usp['ms'] / torus['ms']:.2f}x |")
     with open(os.path.join(folder, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     plot(folder, x_rows + d_rows, speedups, harness["device"])
@@ -152,7 +164,7 @@ def plot(folder, rows, speedups, device):
     for ax, (path, topo, model, size) in zip(axes[0], configs):
         group = sorted((r for r in rows if (r["path"], r["topology"], r["model"], str(r["size"]))
                         == (path, topo, model, size)), key=lambda r: r["ms"])
-        ax.barh([r["strategy"] for r in group], [r["ms"] for r in group],
+        ax.barh([shown(r) for r in group], [r["ms"] for r in group],
                 color=["tab:red" if "torus" in r["strategy"] else "tab:gray" for r in group])
         ax.set_title(f"{path} {topo} {size_label(group[0])}", fontsize=9)
         ax.set_xlabel("ms per step")

@@ -81,3 +81,21 @@ def test_append_reuses_the_one_gpu_reference_an_earlier_call_left(tmp_path):
     assert not harness._reusable_reference(job, {"rows": [{"name": "xdit 1 GPU 1024", "rc": 1}]}, {})
     multi = ("xdit", "xdit-usp-u2r1 1x2 1024", 2, "xdit_random_flux.py", [], str(ref_dir), {})
     assert not harness._reusable_reference(multi, earlier, {})  # only one-GPU references are reused
+
+
+def test_report_compares_compiled_runs_with_compiled_runs_only(tmp_path):
+    folder = tmp_path / "run"
+    shutil.copytree(os.path.join(BENCH, "results", "h200x2"), folder)
+    compiled = json.load(open(folder / "harness.json"))
+    compiled["compiled"] = True
+    for row in compiled["rows"]:  # a made-up compiled run: every step twice as fast
+        if row["kind"] == "xdit" and "result" in row:
+            row["result"]["median_step_ms"] /= 2
+    (folder / "harness_compiled.json").write_text(json.dumps(compiled))
+    report.main(str(folder))
+    table = (folder / "report.md").read_text()
+    eager_torus = next(r for r in compiled["rows"] if r["name"].startswith("xdit-torus-nccl 2x1"))
+    ms = eager_torus["result"]["median_step_ms"]
+    # halved step against the halved one-GPU step: the same 0.32x as eager, not 0.65x
+    assert f"| 2x1 | 1024² | xdit-torus-nccl compiled | {ms:.1f} | 0.32x |" in table
+    assert "| 2x1 | 1024² compiled |" in table and "| 2x1 | 1024² |" in table

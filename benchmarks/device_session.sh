@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One step of a multi-GPU device session, each under the 10-minute cap of a device call.
+#
+#   bash benchmarks/device_session.sh STEP OUT_FOLDER
+#
+# Run from the repository root on the device machine with .whl/ carried (it must hold
+# ../shared/tools/device-wheels.sh's wheels and ours: pip wheel --no-deps . -w .whl/).
+# Steps (N = GPUs on the machine):
+#   kernels    one-sided all-to-all vs NCCL on N ranks, NVSHMEM vs NCCL microbenchmark
+#   harness-1  probes + xDiT + diffusers path, 1xN and 2x(N/2)            (new OUT_FOLDER)
+#   harness-2  the same for Nx1 and the paced 50 GB/s twins               (--append)
+#   compiled   compiled runs (xDiT --use_torch_compile, torch.compile)    (--append)
+#   video      Wan 2.1 14B, 81x480x832, on 1xN and 2x(N/2)                 (--append)
+# Appending steps need the earlier steps' folder in the working tree (copy it into
+# benchmarks/results/ and carry its ignored latents.pt files).
+set -uo pipefail
+step=$1 out=$2
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site
+export NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
+export CUDA_MODULE_LOADING=EAGER
+n=$(nvidia-smi -L | wc -l)
+half=$((n / 2))
+harness() { python3 benchmarks/harness.py --gpus "$n" --out "$out" "$@"; }
+case $step in
+  kernels)
+    timeout 200 torchrun --nproc-per-node "$n" benchmarks/kernel_device_check.py --nvshmem --out "$out"
+    timeout 350 torchrun --nproc-per-node "$n" benchmarks/alltoall_bench.py --out "$out" ;;
+  harness-1) harness --topologies "1x$n,2x$half" --sizes 1024 --timeout 240 ;;
+  harness-2) harness --topologies "${n}x1,2x${half}p50,${n}x1p50" --sizes 1024 --timeout 240 --append ;;
+  compiled)  harness --topologies "1x$n,2x$half" --sizes 1024 --suites xdit --compile --timeout 300 --append ;;
+  video)     harness --topologies "1x$n,2x$half" --suites video --timeout 280 --append ;;
+  *) echo "unknown step $step"; exit 2 ;;
+esac
+python3 benchmarks/report.py "$out" > /dev/null || true
