@@ -121,7 +121,8 @@ class TwoSidedTransport:
             return _Done(send)
         if torch.compiler.is_compiling():
             # every rank of the group shifts by the same distance in a torus step
-            shift, P = (dst - me) % dist.get_world_size(group), dist.get_world_size(group)
+            P = dist.get_world_size(group)
+            shift = (dst - me) % P
             moved = funcol.permute_tensor(send.contiguous().flatten(), [(r + shift) % P for r in range(P)],
                                           group)
             return _FunctionalPending(moved, send.shape)
