@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 
 import torch
 import torch.distributed as dist
@@ -24,23 +23,13 @@ import torch.nn.functional as F
 
 from swiftfusion_xdit.torus_attention import Joint, SPGroups, _heads_to_seq, _seq_to_heads, torus_attention
 from swiftfusion_xdit.transport import TwoSidedTransport, resolve_transport
+from timing import median_ms
 
 
 def bench(fn, batch, repeats):
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        dist.barrier()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(batch):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / batch)
-    t = torch.tensor([statistics.median(times)], device="cuda")
+    """Per-call ms of ``batch`` back-to-back calls, median of repeats, slowest rank."""
+    ms = median_ms(fn, repeats, inner=batch, before=lambda: (dist.barrier(), torch.cuda.synchronize()))
+    t = torch.tensor([ms], device="cuda")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
 

@@ -25,7 +25,6 @@ import argparse
 import faulthandler
 import json
 import os
-import statistics
 import time
 
 import torch
@@ -33,6 +32,7 @@ import torch
 from swiftfusion_xdit.kernels.peer_copy import PeerBuffers, all_to_all_put, put_one, wait_flags
 from swiftfusion_xdit.nvshmem_transport import ctas_per_peer
 from swiftfusion_xdit.transport import join_chunks, split_chunks
+from timing import median_ms
 
 
 def virtual_ranks(P, recv_shape, dtype):
@@ -95,20 +95,8 @@ def check_exchange(P, seed):
     return {"P": P, "shape": list(shape), "bit_exact": bool(ok)}
 
 
-def time_ms(fn, repeats=20, inner=10):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(inner):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / inner)
-    return statistics.median(times)
+def time_ms(fn):
+    return median_ms(fn, repeats=20, inner=10)
 
 
 def time_copy_speed(P, tokens, heads=24, n=3):

@@ -30,7 +30,7 @@ from diffusers.hooks.context_parallel import apply_context_parallel
 from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
 from torch.distributed.device_mesh import DeviceMesh
 
-from .mesh import LayoutError, TorusLayout, build_mesh, plan_layout
+from .mesh import TorusLayout, build_mesh, plan_layout
 from .topology import detect_topology
 from .torus_attention import SPGroups, torus_attention
 from .transport import Transport, resolve_transport

@@ -5,7 +5,6 @@ import os
 import shutil
 import sys
 
-import pytest
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 sys.path.insert(0, BENCH)
