@@ -10,6 +10,7 @@ import random
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from dist_harness import rel_err, run_ranks
 from swiftfusion_xdit.block_attention import KERNELS
@@ -130,3 +131,54 @@ def _compiled_grid(rank, world, nodes, per_node, exchange, seed):
 def test_compiles_into_one_graph(nodes, per_node, exchange):
     """Under torch.compile the exchanges become functional collectives (no graph break)."""
     run_ranks(_compiled_grid, nodes, per_node, nodes, per_node, exchange, random.randrange(2**31))
+
+
+class SlotBorrowing:
+    """gloo underneath, but every result lands in one of two slots per channel and is
+    overwritten two uses later -- the NVSHMEM transport's contract (``borrows_buffers``)."""
+
+    borrows_buffers = True
+
+    def __init__(self):
+        from swiftfusion_xdit.transport import TwoSidedTransport
+        self.inner, self.name, self.slots, self.uses = TwoSidedTransport("gloo"), "borrowing", {}, {}
+
+    def _lend(self, kind, result):
+        key = (kind, tuple(result.shape))
+        use = self.uses[key] = self.uses.get(key, 0) + 1
+        slots = self.slots.setdefault(key, [torch.empty_like(result), torch.empty_like(result)])
+        slots[use % 2].copy_(result)
+        return slots[use % 2]
+
+    def all_to_all(self, x, group, scatter_dim=0, gather_dim=0):
+        return self._lend("a2a", self.inner.all_to_all(x, group, scatter_dim, gather_dim))
+
+    def exchange(self, send, dst, src, group):
+        pending, lend = self.inner.exchange(send, dst, src, group), self._lend
+        distance = (dst - dist.get_rank(group)) % dist.get_world_size(group)
+
+        class Borrowed:
+            def wait(self):
+                return lend(f"exchange{distance}", pending.wait())
+        return Borrowed()
+
+
+def _layers_with_borrowed_buffers(rank, world, nodes, per_node, exchange, seed):
+    """Several layers in a row: every output must still be right after later layers reused
+    the transport's slots."""
+    layout = plan_layout(detect_topology(), HEADS, ulysses=per_node, torus=nodes, torus_exchange=exchange)
+    mesh = build_mesh(layout)
+    groups, transport = SPGroups(mesh.ulysses_group, mesh.torus_group, exchange), SlotBorrowing()
+    g = torch.Generator().manual_seed(seed)
+    tokens, lo = world * 8, mesh.sp_rank * 8
+    layers = [[torch.randn(1, HEADS, tokens, HEAD_DIM, generator=g) for _ in range(3)] for _ in range(3)]
+    outs = [torus_attention(*(x[:, :, lo:lo + 8] for x in qkv), groups, transport=transport)
+            for qkv in layers]
+    for qkv, out in zip(layers, outs):
+        assert rel_err(out, reference(*qkv)[0][:, :, lo:lo + 8]) < 1e-5
+
+
+@pytest.mark.parametrize("nodes,per_node,exchange", [(2, 2, "kv"), (3, 1, "a2a"), (1, 2, "kv")])
+def test_outputs_survive_a_transport_that_reuses_its_buffers(nodes, per_node, exchange):
+    run_ranks(_layers_with_borrowed_buffers, nodes, per_node, nodes, per_node, exchange,
+              random.randrange(2**31))
