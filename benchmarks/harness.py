@@ -11,7 +11,9 @@ random bf16 weights). Each configuration is its own torchrun job:
   the final latents, compared with the one-GPU latents.
 * ``diffusers``: one forward of the transformer (= one step without CFG)
   with diffusers' native context parallelism (ulysses, ring, unified) and
-  with torus over NCCL and NVSHMEM (``benchmarks/flux_device_check.py``).
+  with torus over NCCL and NVSHMEM (``benchmarks/flux_device_check.py``;
+  across machines NVSHMEM serves the all-to-all inside each machine only,
+  so both emulated networks still carry all inter-machine traffic).
 * ``video``: the same for Wan 2.1 14B text-to-video (``--video-sizes``,
   frames x height x width; 81x480x832 = 32,760 video tokens by default).
 * ``probe``: per topology, the link bandwidths measured in the same session
@@ -67,7 +69,8 @@ def xdit_jobs(gpus: int, nodes: int, size: int, steps: int, compile_: bool = Fal
         jobs.append((f"xdit-usp-u{ulysses}r{ring}", gpus,
                      common + ["--ulysses_degree", str(ulysses), "--ring_degree", str(ring)]))
     jobs.append((f"xdit-pipefusion-{gpus}", gpus, common + ["--pipefusion_parallel_degree", str(gpus)]))
-    jobs.append(("xdit-torus-nccl", gpus, common + ["--sp-strategy", "torus", "--sp-comm", "nccl"]))
+    for comm in ("nccl", "nvshmem"):  # nvshmem across machines: inside each machine only
+        jobs.append((f"xdit-torus-{comm}", gpus, common + ["--sp-strategy", "torus", "--sp-comm", comm]))
     return jobs
 
 
@@ -134,8 +137,7 @@ def build_plan(args, g: int) -> tuple[list[str], list[tuple]]:
             continue
         stem = "flux_check" if model == "flux-dev" else f"{model}_check"
         for topo, nodes, per, gbps in topologies:
-            # NVSHMEM bypasses both emulations: it would measure NVLink (refused)
-            run = [s for s in strategies if nodes == 1 or s != "torus-nvshmem"]
+            run = strategies  # torus-nvshmem across machines: NVSHMEM inside each, NCCL between
             plan.append(("diffusers", f"{suite} {topo}", g, "flux_device_check.py",
                          ["--model", model, "--nodes", str(nodes), "--label", topo, "--sizes", model_sizes,
                           "--strategies", ",".join(run), "--repeats", str(repeats), "--out", args.out]

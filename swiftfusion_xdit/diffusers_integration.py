@@ -33,7 +33,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from .mesh import TorusLayout, build_mesh, plan_layout
 from .topology import detect_topology
 from .torus_attention import SPGroups, torus_attention
-from .transport import Transport, resolve_transport
+from .transport import TransportPair, resolve_transports
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class TorusContextParallelConfig(ContextParallelConfig):
     """diffusers' CP config plus what Torus Attention needs."""
 
     sp_groups: SPGroups | None = None
-    transport: Transport | None = None
+    transport: TransportPair | None = None
     kernel: str = "auto"
 
 
@@ -117,7 +117,7 @@ def parallelize_transformer(transformer: torch.nn.Module, strategy: str = "torus
     cp = TorusContextParallelConfig(
         ring_degree=layout.dims.torus, ulysses_degree=layout.dims.ulysses, mesh=cp_mesh,
         sp_groups=SPGroups(mesh.ulysses_group, mesh.torus_group, layout.torus_exchange),
-        transport=resolve_transport(comm, layout.topology.num_nodes), kernel=kernel)
+        transport=resolve_transports(comm, layout.topology.num_nodes), kernel=kernel)
     config = ParallelConfig(context_parallel_config=cp)
     config.setup(dist.get_rank(), dist.get_world_size(), device, mesh=cp_mesh)
     transformer._parallel_config = config

@@ -62,7 +62,7 @@ import torch.distributed as dist
 from torch.profiler import record_function
 
 from .block_attention import Kernel, merge_into, pick_kernel
-from .transport import Transport, join_chunks, resolve_transport
+from .transport import Transport, TransportPair, join_chunks, resolve_transport
 
 
 @dataclass
@@ -92,7 +92,7 @@ class Joint:
 
 
 def torus_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: SPGroups, *,
-                    joint: Joint | None = None, transport: Transport | None = None,
+                    joint: Joint | None = None, transport: Transport | TransportPair | None = None,
                     kernel: str = "auto", scale: float | None = None):
     """Attention of this rank's sequence shard against the whole sequence.
 
@@ -101,6 +101,7 @@ def torus_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: S
     identical on every rank.
     """
     transport = transport or resolve_transport("auto")
+    pair = transport if isinstance(transport, TransportPair) else TransportPair(transport, transport)
     U, T = groups.ulysses_size, groups.torus_size
     H, D = q.shape[1], q.shape[3]
     exchange = groups.exchange
@@ -110,25 +111,25 @@ def torus_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: S
     scale = scale if scale is not None else D ** -0.5
     attend = pick_kernel(q, kernel)
 
-    qkv = _seq_to_heads(torch.stack((q, k, v)), groups.ulysses, transport)
+    qkv = _seq_to_heads(torch.stack((q, k, v)), groups.ulysses, pair.ulysses)
     u = dist.get_rank(groups.ulysses) if U > 1 else 0
     joint = _head_slice(joint, u * (H // U), H // U)
 
     if T == 1:
         out, joint_out = _local(qkv, joint, attend, scale)
     elif exchange == "a2a":
-        out, joint_out = _torus_a2a(qkv, joint, groups.torus, transport, attend, scale)
+        out, joint_out = _torus_a2a(qkv, joint, groups.torus, pair.torus, attend, scale)
     else:
-        out, joint_out = _torus_kv(qkv, joint, groups.torus, transport, attend, scale)
+        out, joint_out = _torus_kv(qkv, joint, groups.torus, pair.torus, attend, scale)
 
-    out = _heads_to_seq(out, groups.ulysses, transport)
-    if U > 1 and getattr(transport, "borrows_buffers", False):
+    out = _heads_to_seq(out, groups.ulysses, pair.ulysses)
+    if U > 1 and getattr(pair.ulysses, "borrows_buffers", False):
         out = out.clone()  # the transport reuses that buffer two calls later; the caller keeps ours
     if joint is None or joint.q is None:
         return out
     if exchange == "a2a" and T > 1:
-        joint_out = _gather_heads(joint_out, groups.torus, transport)
-    return out, _gather_heads(joint_out, groups.ulysses, transport)
+        joint_out = _gather_heads(joint_out, groups.torus, pair.torus)
+    return out, _gather_heads(joint_out, groups.ulysses, pair.ulysses)
 
 
 def choose_exchange(heads: int, ulysses: int, torus: int) -> str:

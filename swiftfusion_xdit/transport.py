@@ -143,6 +143,15 @@ class TwoSidedTransport:
         return _GatherPending(work, flat.view(world, *x.shape))
 
 
+@dataclass(frozen=True)
+class TransportPair:
+    """A transport per group of a torus call: the Ulysses all-to-all stays inside a
+    machine, the torus exchange crosses machines."""
+
+    ulysses: Transport
+    torus: Transport
+
+
 def split_chunks(x: torch.Tensor, P: int, dim: int) -> torch.Tensor:
     """(P, *chunk) view of ``x`` whose entry p is the p-th slice along ``dim``."""
     return x.unflatten(dim, (P, -1)).movedim(dim, 0)
@@ -168,14 +177,11 @@ def _two_sided_available(name: str, machines: int = 1) -> str | None:
 
 
 def _nvshmem_available(machines: int = 1) -> str | None:
-    if os.environ.get("NCCL_HOSTID") or os.environ.get("SWIFTFUSION_PACED_GBPS"):
-        # Both emulations act on NCCL / torch.distributed only; NVSHMEM would still reach the
-        # peers over NVLink, so a run meant to measure the emulated network would measure NVLink.
-        return ("machines are emulated (NCCL_HOSTID or a paced link), which NVSHMEM does not "
-                "honour: its traffic would take NVLink, not the emulated network; use "
-                "comm='nccl' for emulated runs")
+    # Emulated machines (NCCL_HOSTID, a paced link) act on NCCL / torch.distributed only:
+    # NVSHMEM would reach the other "machines" over NVLink, so it never serves a group that
+    # crosses machines, emulated or real -- only the Ulysses group inside one.
     if machines > 1:
-        return (f"the layout spans {machines} machines, and the one-sided kernels store into "
+        return (f"the group spans {machines} machines, and the one-sided kernels store into "
                 "peers' memory over NVLink (one machine); use comm='nccl' across machines")
     from . import nvshmem_transport  # GPU-only pieces are imported lazily
     return nvshmem_transport.unavailable_reason()
@@ -199,6 +205,19 @@ def unavailable_reason(name: str, machines: int = 1) -> str | None:
     if name not in _REGISTRY:
         return f"unknown transport {name!r}; choose one of {sorted(_REGISTRY)} or 'auto'"
     return _REGISTRY[name][0](machines)
+
+
+def resolve_transports(requested: str, machines: int) -> TransportPair:
+    """Transports for a layout over ``machines`` machines. ``nvshmem`` asked for across
+    machines: NVSHMEM inside each machine (the Ulysses all-to-all), NCCL between them;
+    ``auto`` across machines stays with NCCL for both."""
+    if machines == 1:
+        transport = resolve_transport(requested)
+        return TransportPair(transport, transport)
+    torus = resolve_transport("auto" if requested == "nvshmem" else requested, machines)
+    ulysses = resolve_transport("nvshmem") if requested == "nvshmem" else torus
+    log.info("transports: %s inside each machine, %s between machines", ulysses.name, torus.name)
+    return TransportPair(ulysses, torus)
 
 
 def resolve_transport(requested: str = "auto", machines: int = 1) -> Transport:

@@ -38,7 +38,7 @@ import torch.distributed as dist
 from .mesh import LayoutError, TorusLayout, build_mesh, plan_layout
 from .topology import detect_topology
 from .torus_attention import Joint, SPGroups, torus_attention
-from .transport import resolve_transport
+from .transport import resolve_transports
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,8 @@ def add_arguments(parser) -> None:
                             "best exact plan for this topology; FLUX.1 models)")
     group.add_argument("--sp-comm", "--sp_comm", dest="sp_comm", default="auto",
                        choices=("auto", "nccl", "nvshmem"),
-                       help="transport for the torus: auto picks NVSHMEM when it initialises, else NCCL")
+                       help="torus transport: auto = NVSHMEM on one machine when it initialises, else "
+                            "NCCL; nvshmem across machines = NVSHMEM inside each machine, NCCL between")
 
 
 def install() -> None:
@@ -164,7 +165,7 @@ def enable_torus(layout: TorusLayout, comm: str = "auto") -> None:
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"
     mesh = build_mesh(layout, device)
     _STATE.update(groups=SPGroups(mesh.ulysses_group, mesh.torus_group, "auto"),
-                  transport=resolve_transport(comm, layout.topology.num_nodes), layout=layout)
+                  transport=resolve_transports(comm, layout.topology.num_nodes), layout=layout)
     _route_usp_everywhere()
 
 

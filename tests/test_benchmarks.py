@@ -17,7 +17,7 @@ def test_harness_runs_every_usp_split_pipefusion_and_torus_per_topology():
     jobs = harness.xdit_jobs(gpus=4, nodes=2, size=2048, steps=6)
     names = [name for name, _, _ in jobs]
     assert names == ["xdit-usp-u1r4", "xdit-usp-u2r2", "xdit-usp-u4r1", "xdit-pipefusion-4",
-                     "xdit-torus-nccl"]
+                     "xdit-torus-nccl", "xdit-torus-nvshmem"]
     for _, nproc, args in jobs:
         assert nproc == 4
         assert args[args.index("--emulate-nodes") + 1] == "2"  # every job crosses the same machines
@@ -59,7 +59,7 @@ def test_paced_twins_carry_their_link_and_compiled_runs_leave_them_out():
                          for job in paced)
     assert all(job[6] == {} for job in plan if "2x2p50" not in job[1])  # NCCL-socket runs: no pacing
     diffusers = next(job for job in paced if job[0] == "diffusers")
-    assert "torus-nvshmem" not in diffusers[4][diffusers[4].index("--strategies") + 1]
+    assert "torus-nvshmem" in diffusers[4][diffusers[4].index("--strategies") + 1]  # inside machines only
     video = [job for job in plan if job[1] == "video 2x2p50"]
     assert len(video) == 1 and video[0][4][:2] == ["--model", "wan2.1-14b"]
     assert video[0][5].endswith("wan2.1-14b_check_2x2p50_nccl.json")

@@ -182,3 +182,38 @@ def _layers_with_borrowed_buffers(rank, world, nodes, per_node, exchange, seed):
 def test_outputs_survive_a_transport_that_reuses_its_buffers(nodes, per_node, exchange):
     run_ranks(_layers_with_borrowed_buffers, nodes, per_node, nodes, per_node, exchange,
               random.randrange(2**31))
+
+
+class Counting:
+    """gloo, counting the calls each group makes."""
+
+    def __init__(self):
+        from swiftfusion_xdit.transport import TwoSidedTransport
+        self.inner, self.name, self.calls = TwoSidedTransport("gloo"), "counting", []
+
+    def all_to_all(self, *args):
+        self.calls.append("all_to_all")
+        return self.inner.all_to_all(*args)
+
+    def exchange(self, *args):
+        self.calls.append("exchange")
+        return self.inner.exchange(*args)
+
+
+def _pair_routes_each_group(rank, world, seed):
+    from swiftfusion_xdit.transport import TransportPair
+    layout = plan_layout(detect_topology(), HEADS, ulysses=2, torus=2, torus_exchange="a2a")
+    mesh = build_mesh(layout)
+    pair = TransportPair(Counting(), Counting())
+    g = torch.Generator().manual_seed(seed)
+    full = [torch.randn(1, HEADS, 32, HEAD_DIM, generator=g) for _ in range(3)]
+    lo = mesh.sp_rank * 8
+    out = torus_attention(*(x[:, :, lo:lo + 8] for x in full),
+                          SPGroups(mesh.ulysses_group, mesh.torus_group, "a2a"), transport=pair)
+    assert rel_err(out, reference(*full)[0][:, :, lo:lo + 8]) < 1e-5
+    assert pair.ulysses.calls == ["all_to_all", "all_to_all"]  # sequence -> heads, and back
+    assert pair.torus.calls == ["exchange", "exchange"]  # Q/K/V step, output return
+
+
+def test_a_transport_pair_serves_each_group_with_its_own_transport():
+    run_ranks(_pair_routes_each_group, 2, 2, random.randrange(2**31))

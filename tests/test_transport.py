@@ -17,9 +17,20 @@ def test_nvshmem_on_cpu_says_it_needs_a_gpu():
         tr.resolve_transport("nvshmem")
 
 
-def test_nvshmem_refused_under_emulated_machines(monkeypatch):
+def test_nvshmem_never_serves_a_group_across_machines_emulated_or_not(monkeypatch):
     monkeypatch.setenv("NCCL_HOSTID", "node1")
-    assert "does not honour" in tr.unavailable_reason("nvshmem")
+    assert "spans 2 machines" in tr.unavailable_reason("nvshmem", machines=2)
+    assert "needs an NVIDIA GPU" in tr.unavailable_reason("nvshmem", machines=1)  # inside one: fine
+
+
+def test_transport_pairs_keep_nvshmem_inside_machines():
+    pair = tr.resolve_transports("auto", machines=2)
+    assert (pair.ulysses.name, pair.torus.name) == ("gloo", "gloo")
+    single = tr.resolve_transports("gloo", machines=1)
+    assert single.ulysses is single.torus
+    # across machines, nvshmem is asked of the Ulysses group only (here: no GPU to give it)
+    with pytest.raises(RuntimeError, match="transport 'nvshmem' cannot be used: NVSHMEM needs an NVIDIA GPU"):
+        tr.resolve_transports("nvshmem", machines=2)
 
 
 def test_nvshmem_refused_for_a_layout_across_machines():
