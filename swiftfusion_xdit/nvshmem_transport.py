@@ -24,7 +24,8 @@ copies its output out. Channel uses are counted on the host, so a captured
 CUDA graph would replay stale counts: capture is refused. The heap is sized
 by ``SWIFTFUSION_NVSHMEM_HEAP`` (default 4 GiB, read before NVSHMEM starts);
 running out raises an error naming the size. Peers must be NVLink-mapped
-(``nvshmem_ptr`` non-null): across machines use ``comm='nccl'``.
+(``nvshmem_ptr`` non-null), so it serves groups inside one machine; across
+machines the torus exchange goes over NCCL (``transport.resolve_transports``).
 """
 
 from __future__ import annotations
