@@ -77,8 +77,12 @@ def xdit_jobs(gpus: int, nodes: int, size: int, steps: int, compile_: bool = Fal
 def parse_topology(label: str) -> tuple[int, int, float | None]:
     """``2x2`` -> (2 machines, 2 GPUs each, NCCL sockets); ``2x2p50`` -> paced at 50 GB/s."""
     shape, _, paced = label.partition("p")
-    nodes, per = map(int, shape.split("x"))
-    return nodes, per, float(paced) if paced else None
+    try:
+        nodes, per = map(int, shape.split("x"))
+        return nodes, per, float(paced) if paced else None
+    except ValueError:
+        raise ValueError(f"topology {label!r}: write MACHINESxGPUS, e.g. 2x2, or 2x2p50 for a "
+                         "link paced to 50 GB/s per GPU") from None
 
 
 def paced_env(nodes: int, gbps: float | None) -> dict:

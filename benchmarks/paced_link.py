@@ -208,11 +208,13 @@ def _funcol_members(group) -> list[int]:
 
 
 def _paced_funcol(name: str, original, link, node_of):
+    sig = inspect.signature(original)  # once, not per call
+
     @functools.wraps(original)
     def call(self, *args, **kwargs):
         if getattr(_local, "inside", False):
             return original(self, *args, **kwargs)
-        bound = inspect.signature(original).bind(self, *args, **kwargs)
+        bound = sig.bind(self, *args, **kwargs)
         bound.apply_defaults()
         a, me = bound.arguments, dist.get_rank()
         members = _funcol_members(a["group"])
@@ -252,6 +254,8 @@ def install(gbps: float, nodes: int, link=None) -> None:
     Ranks [k*G, (k+1)*G) are machine k, G = world / nodes.
     """
     world = int(os.environ["WORLD_SIZE"])
+    if nodes < 1 or world % nodes:
+        raise ValueError(f"paced link: {nodes} machines do not divide the {world} ranks evenly")
     per_node = world // nodes
     node_of = lambda rank: rank // per_node
     link = link or GpuLink(gbps)
@@ -275,6 +279,9 @@ def install_from_env() -> float | None:
     gbps = os.environ.get("SWIFTFUSION_PACED_GBPS")
     if not gbps:
         return None
+    if not os.environ.get("SWIFTFUSION_PACED_NODES"):
+        raise ValueError("SWIFTFUSION_PACED_GBPS is set but SWIFTFUSION_PACED_NODES is not: "
+                         "say how many machines the ranks emulate")
     nodes = int(os.environ["SWIFTFUSION_PACED_NODES"])
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     os.environ["SWIFTFUSION_NODE"] = f"node{rank // (world // nodes)}"  # our topology sees machines

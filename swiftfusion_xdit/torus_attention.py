@@ -62,7 +62,7 @@ import torch.distributed as dist
 from torch.profiler import record_function
 
 from .block_attention import Kernel, merge_into, pick_kernel
-from .transport import Transport, TransportPair, join_chunks, resolve_transport
+from .transport import Transport, TransportPair, default_transport, join_chunks
 
 
 @dataclass
@@ -100,7 +100,7 @@ def torus_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: S
     queries, ``(out, joint_out)`` where ``joint_out`` is (B, H, S_text, D) and
     identical on every rank.
     """
-    transport = transport or resolve_transport("auto")
+    transport = transport or default_transport()
     pair = transport if isinstance(transport, TransportPair) else TransportPair(transport, transport)
     U, T = groups.ulysses_size, groups.torus_size
     H, D = q.shape[1], q.shape[3]

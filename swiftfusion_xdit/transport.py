@@ -30,7 +30,6 @@ and the compiler keeps each exchange in flight until its ``wait()``.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -168,7 +167,7 @@ def _all_gather_single(*args, **kwargs):
     return (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(*args, **kwargs)
 
 
-def _two_sided_available(name: str, machines: int = 1) -> str | None:
+def _two_sided_available(name: str) -> str | None:
     if not dist.is_available():
         return "torch.distributed is not available in this torch build"
     if name == "nccl" and not (torch.cuda.is_available() and dist.is_nccl_available()):
@@ -218,6 +217,18 @@ def resolve_transports(requested: str, machines: int) -> TransportPair:
     ulysses = resolve_transport("nvshmem") if requested == "nvshmem" else torus
     log.info("transports: %s inside each machine, %s between machines", ulysses.name, torus.name)
     return TransportPair(ulysses, torus)
+
+
+_DEFAULT: dict = {}
+
+
+def default_transport() -> Transport:
+    """``resolve_transport("auto")``, resolved once per process group backend: a call
+    site that passes no transport must not re-resolve (and re-log) on every layer."""
+    backend = dist.get_backend() if dist.is_initialized() else None
+    if backend not in _DEFAULT:
+        _DEFAULT[backend] = resolve_transport("auto")
+    return _DEFAULT[backend]
 
 
 def resolve_transport(requested: str = "auto", machines: int = 1) -> Transport:
