@@ -192,6 +192,7 @@ def nvshmem_transport_check(seed):
             flag = torch.tensor([int(ok)], device="cuda")
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
             results.append({"world": world, "tokens": tokens, "dtype": str(dtype), "bit_exact": bool(flag.item())})
+    results.append(heap_check(nv))
     from swiftfusion_xdit.nvshmem_transport import shutdown_nvshmem
     dist.barrier()
     shutdown_nvshmem()
@@ -199,12 +200,65 @@ def nvshmem_transport_check(seed):
     return results
 
 
+def heap_check(nv):
+    """What the problem took from the heap, whether it grew past its first reservation,
+    and the message for a channel the GPU cannot hold."""
+    import torch.distributed as dist
+    from swiftfusion_xdit.nvshmem_transport import _STATE, parse_size
+    reserved = parse_size(os.environ["NVSHMEM_SYMMETRIC_SIZE"])
+    out = {"first_reservation_MiB": reserved / 2**20, "pe_of_rank": _STATE["pe_of_rank"],
+           "symmetric_MiB_in_use": _STATE["symmetric_bytes"] / 2**20,
+           "grew_past_reservation": _STATE["symmetric_bytes"] > reserved}
+    try:
+        nv._channel("oversize", (2**40,), torch.bfloat16, dist.group.WORLD, 2**41)
+        out["oversize_refused"] = None
+    except RuntimeError as err:
+        out["oversize_refused"] = str(err)
+    return out
+
+
+def fused_wait_bound(heads=24, head_dim=128):
+    """The most an attention kernel that polls its block's flag itself could save: the
+    separate one-CTA flag wait (already satisfied) enqueued before each block's attention,
+    timed back to back against the attention alone, for Flux 1024² and 2048² blocks split
+    over 2 and 4 GPUs."""
+    from swiftfusion_xdit.block_attention import pick_kernel
+    flags = torch.ones(2, 2, dtype=torch.int64, device="cuda")
+    buf = PeerBuffers(torch.zeros(2, 1, device="cuda"), flags, flags[0], flags[0])
+    source = torch.tensor([1], device="cuda")
+    rows = []
+    for tokens in (5120, 16896 + 512):
+        for gpus in (2, 4):
+            q = torch.randn(1, heads // gpus, tokens, head_dim, device="cuda", dtype=torch.bfloat16)
+            kv = torch.randn(1, heads // gpus, tokens // 2, head_dim, device="cuda", dtype=torch.bfloat16)
+            attend = pick_kernel(q)
+            alone = time_ms(lambda: attend(q, kv, kv, head_dim ** -0.5))
+            waited = time_ms(lambda: (wait_flags(buf, source, 1, 1), attend(q, kv, kv, head_dim ** -0.5)))
+            rows.append({"tokens": tokens, "gpus": gpus, "attention_ms": alone, "with_wait_ms": waited,
+                         "wait_us": 1e3 * (waited - alone), "share": (waited - alone) / alone})
+    return rows
+
+
 def progress(item):
     print(json.dumps(item), flush=True)
     return item
 
 
+def fused_wait_lines(rows: list[dict]) -> list[str]:
+    lines = ["", "What fusing the flag wait into the attention kernel could save at most: the "
+             "separate (satisfied) one-CTA wait before a block's cuDNN attention, back to back.", "",
+             "| tokens | GPUs | attention of one block, ms | with the wait, ms | wait, us | share |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['tokens']} | {r['gpus']} | {r['attention_ms']:.3f} | {r['with_wait_ms']:.3f} "
+                     f"| {r['wait_us']:.1f} | {100 * r['share']:.1f}% |")
+    return lines
+
+
 def markdown(result: dict) -> str:
+    if "ulysses_virtual_ranks" not in result:  # --fused-wait-only
+        return "\n".join([f"# Flag wait before attention, one {result['device']}"]
+                          + fused_wait_lines(result["fused_wait_bound"])) + "\n"
     lines = [f"# One-sided kernels on one {result['device']} (virtual ranks)", ""]
     checks = result["ulysses_virtual_ranks"] + result["exchange_virtual_ranks"]
     lines += [f"Bit-exact against the reference layout: {sum(c['bit_exact'] for c in checks)} of "
@@ -219,6 +273,8 @@ def markdown(result: dict) -> str:
                      f"{c['kernel_GBps']:.0f} | {c['pack_unpack_ms']:.3f} |")
     lines += ["", "All P ranks' kernels share one GPU here, so this is HBM copy speed plus host "
               "launch cost (P launches per all-to-all), not NVLink."]
+    if "fused_wait_bound" in result:
+        lines += fused_wait_lines(result["fused_wait_bound"])
     return "\n".join(lines) + "\n"
 
 
@@ -227,6 +283,7 @@ def main():
     ap.add_argument("--out", default=".")
     ap.add_argument("--report", help="write the Markdown table for a saved virtual-ranks JSON")
     ap.add_argument("--nvshmem", action="store_true", help="under torchrun: the real NVSHMEM transport")
+    ap.add_argument("--fused-wait-only", action="store_true", help="only the fused-wait bound")
     args = ap.parse_args()
     if args.report:
         with open(args.report.replace(".json", ".md"), "w") as f:
@@ -237,17 +294,21 @@ def main():
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     if args.nvshmem:
         result["nvshmem_transport"] = nvshmem_transport_check(5)
+    elif args.fused_wait_only:
+        result["fused_wait_bound"] = [progress(r) for r in fused_wait_bound()]
     else:
         checks = [(P, 3, 24, tokens, dtype) for P in (2, 4, 8) for tokens in (16896, 4608)
                   for dtype in (torch.bfloat16, torch.float16)] + [(3, 1, 6, 3 * 37, torch.bfloat16)]
         result["ulysses_virtual_ranks"] = [progress(check_ulysses(*c, 100 + i)) for i, c in enumerate(checks)]
         result["exchange_virtual_ranks"] = [progress(check_exchange(P, 9)) for P in (2, 4)]
         result["host_costs"] = progress(host_costs())
+        result["fused_wait_bound"] = [progress(r) for r in fused_wait_bound()]
         result["copy_speed"] = [progress(time_copy_speed(P, tokens)) for P in (2, 4, 8)
                                 for tokens in (4608, 16896)]
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
-        name = "kernel_nvshmem.json" if args.nvshmem else "kernel_virtual_ranks.json"
+        name = ("kernel_nvshmem.json" if args.nvshmem else
+                "fused_wait_bound.json" if args.fused_wait_only else "kernel_virtual_ranks.json")
         with open(os.path.join(args.out, name), "w") as f:
             json.dump(result, f, indent=2)
         if not args.nvshmem:

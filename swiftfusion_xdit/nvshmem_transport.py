@@ -21,10 +21,15 @@ allocations. Results live in a channel slot and stay valid until the
 channel's use after next (``borrows_buffers``; see the kernel module for why
 two slots suffice); Torus Attention consumes them within the layer and
 copies its output out. Channel uses are counted on the host, so a captured
-CUDA graph would replay stale counts: capture is refused. The heap is sized
-by ``SWIFTFUSION_NVSHMEM_HEAP`` (default 4 GiB, read before NVSHMEM starts);
-running out raises an error naming the size. Peers must be NVLink-mapped
-(``nvshmem_ptr`` non-null), so it serves groups inside one machine; across
+CUDA graph would replay stale counts: capture is refused.
+
+Symmetric memory is sized from the problem: each channel takes exactly two
+slots of its receive shape, checked against the GPU's free memory before it
+is allocated (an error says how much the problem needs). NVSHMEM's heap
+grows on demand (CUDA VMM), so ``SWIFTFUSION_NVSHMEM_HEAP`` (default 1G) is
+only its first reservation; where growth is off, the error names the size to
+set. Peers must be NVLink-mapped (``nvshmem_ptr`` non-null), so NVSHMEM runs
+one job per machine (``init_nvshmem``) and serves groups inside it; across
 machines the torus exchange goes over NCCL (``transport.resolve_transports``).
 """
 
@@ -57,23 +62,39 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def machine_ranks(node_of_rank: tuple[int, ...], rank: int) -> list[int]:
+    """The global ranks on ``rank``'s machine: they form its NVSHMEM job, and a
+    rank's PE is its index in this list."""
+    return [r for r, node in enumerate(node_of_rank) if node == node_of_rank[rank]]
+
+
 def init_nvshmem() -> None:
-    """Start NVSHMEM once per process from the torch.distributed world group."""
+    """Start NVSHMEM once per process: one NVSHMEM job per machine.
+
+    The one-sided kernels only reach NVLink-mapped peers, so an NVSHMEM job
+    never needs to span machines -- and one that did would need an NVSHMEM
+    network transport between them. The first rank of each machine makes a
+    unique id; ids travel over the torch.distributed world group.
+    """
     if _STATE:
         return
+    from .topology import detect_topology
     os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")  # never use NVLink multicast
-    os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", os.environ.get("SWIFTFUSION_NVSHMEM_HEAP", "4G"))
+    # the heap grows on demand (CUDA VMM); this is only its first reservation
+    os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", os.environ.get("SWIFTFUSION_NVSHMEM_HEAP", "1G"))
     import nvshmem.core as nvshmem
     from cuda.core import Device
 
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
+    local = machine_ranks(detect_topology().node_of_rank, rank)
+    pe = local.index(rank)
     device = Device(torch.cuda.current_device())
     device.set_current()
-    uid = nvshmem.get_unique_id(empty=(rank != 0))
-    holder = [uid]
-    dist.broadcast_object_list(holder, src=0)
-    nvshmem.init(device=device, uid=holder[0], rank=rank, nranks=world, initializer_method="uid")
-    _STATE.update(nvshmem=nvshmem, channels={}, comm_stream=torch.cuda.Stream())
+    uids = [None] * dist.get_world_size()
+    dist.all_gather_object(uids, nvshmem.get_unique_id(empty=(pe != 0)))
+    nvshmem.init(device=device, uid=uids[local[0]], rank=pe, nranks=len(local), initializer_method="uid")
+    _STATE.update(nvshmem=nvshmem, pe_of_rank={r: i for i, r in enumerate(local)}, channels={},
+                  symmetric_bytes=0, comm_stream=torch.cuda.Stream())
     atexit.register(shutdown_nvshmem)
 
 
@@ -88,6 +109,26 @@ def shutdown_nvshmem() -> None:
     _STATE.clear()
 
 
+def parse_size(text: str) -> int:
+    """NVSHMEM's size syntax: a number with an optional k/m/g/t suffix (powers of 1024)."""
+    text = text.strip().lower()
+    scale = 1024 ** ("kmgt".index(text[-1]) + 1) if text and text[-1] in "kmgt" else 1
+    return int(float(text.rstrip("kmgt")) * scale)
+
+
+def check_fits(nbytes: int, in_use: int, reserved: int, free: int) -> None:
+    """Refuse a channel of ``nbytes`` when the heap (``reserved`` bytes, ``in_use``
+    taken) would have to grow by more than the GPU's ``free`` memory, saying what the
+    problem needs and what to do."""
+    grow = in_use + nbytes - reserved
+    if grow > free:
+        raise RuntimeError(
+            f"comm='nvshmem' needs {nbytes / 2**20:.0f} MiB more symmetric memory for this problem "
+            f"({in_use / 2**20:.0f} MiB in use of a {reserved / 2**20:.0f} MiB heap), so the heap must "
+            f"grow by {grow / 2**20:.0f} MiB, but only {free / 2**20:.0f} MiB of GPU memory is free: "
+            "use more GPUs per machine in the Ulysses group, a smaller problem, or comm='nccl'")
+
+
 def ctas_per_peer(chunk_bytes: int, peers: int) -> int:
     """One CTA per 16 KiB tile of a peer's chunk (a tile is one load/store round), at
     most four CTAs per SM over all peers: enough stores in flight to fill NVLink.
@@ -100,27 +141,32 @@ def ctas_per_peer(chunk_bytes: int, peers: int) -> int:
 class _Channel:
     """Symmetric receive slots and flags for one (call site, shape, dtype, group)."""
 
-    def __init__(self, recv_shape, dtype, group_ranks: list[int], chunk_bytes: int):
+    def __init__(self, recv_shape, dtype, group, chunk_bytes: int):
         from .kernels.peer_copy import PeerBuffers
         nvshmem = _STATE["nvshmem"]
-        P = len(group_ranks)
+        ranks = dist.get_process_group_ranks(group)
+        P = len(ranks)
+        nbytes = 2 * torch.Size(recv_shape).numel() * torch.empty((), dtype=dtype).element_size()
+        check_fits(nbytes, _STATE["symmetric_bytes"], parse_size(os.environ["NVSHMEM_SYMMETRIC_SIZE"]),
+                   torch.cuda.mem_get_info()[0])
         try:
             data = nvshmem.tensor((2, *recv_shape), dtype=dtype)
             flags = nvshmem.tensor((2, P), dtype=torch.int64)
         except Exception as err:
-            nbytes = 2 * torch.Size(recv_shape).numel() * torch.empty((), dtype=dtype).element_size()
+            total = (_STATE["symmetric_bytes"] + nbytes) / 2**30
             raise RuntimeError(
-                f"NVSHMEM symmetric heap ({os.environ.get('NVSHMEM_SYMMETRIC_SIZE')}) cannot hold "
-                f"another {nbytes / 2**20:.0f} MiB for a {tuple(recv_shape)} {dtype} channel: {err}. "
-                "Set SWIFTFUSION_NVSHMEM_HEAP larger (e.g. 16G) before the first call.") from err
+                f"the NVSHMEM symmetric heap (NVSHMEM_SYMMETRIC_SIZE="
+                f"{os.environ.get('NVSHMEM_SYMMETRIC_SIZE')}, growth on demand off or failed) cannot "
+                f"hold another {nbytes / 2**20:.0f} MiB for a {tuple(recv_shape)} {dtype} channel: {err}. "
+                f"Set SWIFTFUSION_NVSHMEM_HEAP to at least {total:.1f}G before the first call.") from err
+        _STATE["symmetric_bytes"] += nbytes
         flags.zero_()
-        self.buffers = PeerBuffers(data, flags, _peer_deltas(data, group_ranks),
-                                   _peer_deltas(flags, group_ranks))
+        self.buffers = PeerBuffers(data, flags, _peer_deltas(data, ranks), _peer_deltas(flags, ranks))
         self.ctas = ctas_per_peer(chunk_bytes, P)
         self.uses = 0
         self._tables: dict = {}
         torch.cuda.synchronize()
-        dist.barrier()  # every rank's flags are zero before anyone signals
+        dist.barrier(group)  # every rank's flags are zero before anyone signals
 
     def next_use(self) -> int:
         self.uses += 1
@@ -136,21 +182,26 @@ class _Channel:
             _STATE["nvshmem"].free_tensor(t)
 
 
-def _peer_deltas(local: torch.Tensor, pes: list[int]) -> torch.Tensor:
-    """Element distance from our mapping of ``local`` to each PE's (nvshmem_ptr)."""
+def _peer_deltas(local: torch.Tensor, ranks: list[int]) -> torch.Tensor:
+    """Element distance from our mapping of ``local`` to each rank's (nvshmem_ptr)."""
     from nvshmem.core.interop.torch import get_peer_tensor
     deltas = []
-    for pe in pes:
-        try:
-            ptr = get_peer_tensor(local, pe).data_ptr()
-        except Exception:
-            ptr = 0
+    for rank in ranks:
+        pe = _STATE["pe_of_rank"].get(rank)
+        ptr = _peer_pointer(get_peer_tensor, local, pe) if pe is not None else 0
         if not ptr:
-            raise RuntimeError(f"rank {pe} is not NVLink-mapped from rank {dist.get_rank()} (another "
+            raise RuntimeError(f"rank {rank} is not NVLink-mapped from rank {dist.get_rank()} (another "
                                "machine?): the one-sided kernels store into peers' memory directly; "
                                "use comm='nccl' across machines")
         deltas.append((ptr - local.data_ptr()) // local.element_size())
     return torch.tensor(deltas, dtype=torch.int64, device="cuda")
+
+
+def _peer_pointer(get_peer_tensor, local: torch.Tensor, pe: int) -> int:
+    try:
+        return get_peer_tensor(local, pe).data_ptr()
+    except Exception:  # no direct mapping to that PE
+        return 0
 
 
 def _refuse_capture() -> None:
@@ -189,11 +240,10 @@ class NvshmemTransport:
         self._sites: dict = {}  # call site -> (channel, our group rank, peer table): one lookup per call
 
     def _channel(self, kind: str, recv_shape, dtype, group, chunk_bytes: int) -> _Channel:
-        ranks = dist.get_process_group_ranks(group)
-        key = (kind, tuple(recv_shape), dtype, tuple(ranks))
+        key = (kind, tuple(recv_shape), dtype, tuple(dist.get_process_group_ranks(group)))
         channels = _STATE["channels"]
         if key not in channels:
-            channels[key] = _Channel(recv_shape, dtype, ranks, chunk_bytes)
+            channels[key] = _Channel(recv_shape, dtype, group, chunk_bytes)
         return channels[key]
 
     def _a2a_site(self, x: torch.Tensor, group, scatter_dim: int, gather_dim: int):

@@ -241,8 +241,12 @@ def resolve_transport(requested: str = "auto", machines: int = 1) -> Transport:
             return TwoSidedTransport("gloo")
         why_not = unavailable_reason("nvshmem", machines)
         if why_not is None:
-            log.info("transport nvshmem: nvshmem4py is installed and initialised")
-            return _REGISTRY["nvshmem"][1]("nvshmem")
+            try:
+                transport = _REGISTRY["nvshmem"][1]("nvshmem")
+                log.info("transport nvshmem: nvshmem4py is installed and initialised")
+                return transport
+            except Exception as err:  # installed, but NVSHMEM would not start (NvshmemError is no RuntimeError)
+                why_not = f"it did not initialise: {err}"
         log.info("transport nccl: NVSHMEM not used (%s)", why_not)
         return TwoSidedTransport("nccl")
     why_not = unavailable_reason(requested, machines)

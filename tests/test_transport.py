@@ -58,3 +58,35 @@ def _auto_is_gloo_and_exchange_works(rank, world):
 
 def test_auto_picks_gloo_on_cpu_and_moves_data():
     run_ranks(_auto_is_gloo_and_exchange_works, 1, 3)
+
+
+def test_auto_falls_back_to_nccl_when_nvshmem_does_not_start(monkeypatch, caplog):
+    """``auto``: NVSHMEM installed but failing to initialise is logged, and NCCL serves."""
+    def failing_start(name):
+        raise RuntimeError("bootstrap failed")
+
+    monkeypatch.setattr(tr.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(tr.dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setitem(tr._REGISTRY, "nvshmem", (lambda machines: None, failing_start))
+    with caplog.at_level("INFO", logger=tr.__name__):
+        assert tr.resolve_transport("auto").name == "nccl"
+    assert "did not initialise: bootstrap failed" in caplog.text
+
+
+def test_nvshmem_runs_one_job_per_machine():
+    from swiftfusion_xdit.topology import Topology
+    from swiftfusion_xdit.nvshmem_transport import machine_ranks
+    two_by_four = Topology.uniform(2, 4).node_of_rank
+    assert machine_ranks(two_by_four, 5) == [4, 5, 6, 7]  # rank 5 is PE 1 of machine 1's job
+    assert machine_ranks((0, 1, 0, 1), 2) == [0, 2]  # interleaved hosts: PEs follow global order
+
+
+def test_symmetric_memory_is_checked_against_the_gpu_before_the_heap_grows():
+    from swiftfusion_xdit.nvshmem_transport import check_fits, parse_size
+    assert parse_size("1G") == 2**30 and parse_size("512m") == 2**29 and parse_size("1.5k") == 1536
+    MiB = 2**20
+    check_fits(600 * MiB, 300 * MiB, 1024 * MiB, free=0)  # inside the first reservation
+    check_fits(600 * MiB, 800 * MiB, 1024 * MiB, free=400 * MiB)  # grows by 376 MiB: fits
+    with pytest.raises(RuntimeError, match=r"needs 600 MiB more .* grow by 376 MiB, but only 300 MiB "
+                                           r"of GPU memory is free: use more GPUs per machine"):
+        check_fits(600 * MiB, 800 * MiB, 1024 * MiB, free=300 * MiB)

@@ -1,0 +1,168 @@
+"""The NVSHMEM transport across real processes sharing one GPU (CUDA MPS).
+
+    nvidia-cuda-mps-control -d
+    CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=25 torchrun --nproc-per-node 4 \
+        benchmarks/shared_gpu_check.py --machines 2 --out results/
+
+When no multi-GPU machine is at hand, this still runs the one-sided transport
+as it runs in production -- one process per rank, one NVSHMEM PE each,
+symmetric buffers mapped into the other processes, flags raised across
+processes -- only with every PE on the same GPU (NVSHMEM's "multiple PEs per
+GPU", which needs MPS for kernels of different processes to run at once: the
+kernels spin on each other's flags). ``--machines M`` emulates M machines
+(``SWIFTFUSION_NODE``), so NVSHMEM starts one job per machine.
+
+NCCL refuses two ranks on one GPU, so torch.distributed runs on gloo here and
+the references are built from CPU copies: the Ulysses all-to-all both ways
+and one torus step must be bit-exact, and Torus Attention with the NVSHMEM
+transport must equal one-process attention within bf16 tolerance (one
+machine; across machines the torus needs NCCL). Timings would mean nothing
+on a shared GPU and are not taken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import json
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from swiftfusion_xdit.nvshmem_transport import _STATE, NvshmemTransport
+from swiftfusion_xdit.torus_attention import Joint, SPGroups, torus_attention
+
+HEADS, HEAD_DIM, TEXT = 24, 128, 512  # FLUX.1-dev attention
+
+
+def machine_groups(machines: int):
+    """Every rank creates every machine's group (new_group is collective); ours is returned."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    per = world // machines
+    groups = [dist.new_group(list(range(m * per, (m + 1) * per))) for m in range(machines)]
+    return groups[rank // per]
+
+
+def gather_cpu(x: torch.Tensor, group) -> list[torch.Tensor]:
+    parts = [torch.empty_like(x, device="cpu") for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.cpu(), group=group)
+    return parts
+
+
+def check_all_to_all(nv, group, tokens, dtype, seed):
+    P, me = dist.get_world_size(group), dist.get_rank(group)
+    g = torch.Generator(device="cuda").manual_seed(seed + dist.get_rank())
+    h = slice(me * HEADS // P, (me + 1) * HEADS // P)
+    ok = True
+    for _ in range(3):  # three uses: both slots, one reused
+        x = torch.randn(3, 1, HEADS, tokens // P, HEAD_DIM, device="cuda", dtype=dtype, generator=g)
+        out = nv.all_to_all(x, group, 2, 3).clone()
+        back = nv.all_to_all(out, group, 3, 2).clone()
+        expected = torch.cat([part[:, :, h] for part in gather_cpu(x, group)], dim=3)
+        ok &= torch.equal(out.cpu(), expected) and torch.equal(back, x)
+    return ok
+
+
+def check_exchange(nv, group, seed):
+    P, me = dist.get_world_size(group), dist.get_rank(group)
+    g = torch.Generator(device="cuda").manual_seed(seed + dist.get_rank())
+    ok = True
+    for _ in range(3):
+        send = torch.randn(2, 1, 6, 1056, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
+        got = nv.exchange(send, (me + 1) % P, (me - 1) % P, group).wait().clone()
+        ok &= torch.equal(got.cpu(), gather_cpu(send, group)[(me - 1) % P])
+    return ok
+
+
+def check_torus_attention(nv, group, image_tokens, seed):
+    """One machine: Ulysses over NVSHMEM, against attention over the whole sequence."""
+    P, me = dist.get_world_size(group), dist.get_rank(group)
+    g = torch.Generator(device="cuda").manual_seed(seed)  # same inputs on every rank
+    rand = lambda n: torch.randn(1, HEADS, n, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
+    q, k, v = rand(image_tokens), rand(image_tokens), rand(image_tokens)
+    joint = Joint(rand(TEXT), rand(TEXT), rand(TEXT))
+    sl = slice(me * image_tokens // P, (me + 1) * image_tokens // P)
+    out, joint_out = torus_attention(q[:, :, sl], k[:, :, sl], v[:, :, sl], SPGroups(group, None),
+                                     joint=joint, transport=nv)
+    full = [torch.cat((j, x), 2).float() for j, x in zip((joint.q, joint.k, joint.v), (q, k, v))]
+    ref = F.scaled_dot_product_attention(*full)
+    err = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()
+    return err(out, ref[:, :, TEXT:][:, :, sl]), err(joint_out, ref[:, :, :TEXT])
+
+
+def all_ranks(value: float, op=dist.ReduceOp.MIN) -> float:
+    t = torch.tensor([float(value)])
+    dist.all_reduce(t, op=op)
+    return t.item()
+
+
+def markdown(results: list[dict]) -> str:
+    lines = [f"# NVSHMEM transport, real processes sharing one {results[0]['device']} (CUDA MPS)", "",
+             "One process per rank, one NVSHMEM PE each, every PE on the same GPU "
+             "(`benchmarks/shared_gpu_check.py`); references from CPU copies over gloo.", "",
+             "| ranks | machines (NVSHMEM jobs) | check | size | dtype | result |", "|---|---|---|---|---|---|"]
+    for r in results:
+        for c in r["checks"]:
+            size = c.get("tokens") or c.get("image_tokens") or ""
+            verdict = ("bit-exact" if c["bit_exact"] else "DIFFERS") if "bit_exact" in c else \
+                f"rel err {c['max_rel_err']:.1e} (joint {c['max_joint_rel_err']:.1e})"
+            lines.append(f"| {r['world']} | {r['machines']} ({len(r['nvshmem_jobs'])}) | {c['what']} | {size} "
+                         f"| {c.get('dtype', 'torch.bfloat16').replace('torch.', '')} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--machines", type=int, default=1)
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--report", nargs="+", help="write shared_gpu.md beside these result JSONs")
+    args = ap.parse_args()
+    if args.report:
+        with open(os.path.join(os.path.dirname(args.report[0]), "shared_gpu.md"), "w") as f:
+            f.write(markdown([json.load(open(p)) for p in args.report]))
+        return
+    faulthandler.dump_traceback_later(200, exit=True)  # a hang says where
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    os.environ["SWIFTFUSION_NODE"] = f"node{rank // (world // args.machines)}"
+    dist.init_process_group("gloo")
+    torch.cuda.set_device(0)
+    group = machine_groups(args.machines)
+    nv = NvshmemTransport()  # directly: resolve_transport insists on NCCL, which cannot run here
+    result = {"device": torch.cuda.get_device_name(), "world": world, "machines": args.machines,
+              "mps_active_thread_percentage": os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"),
+              "checks": []}
+    for tokens in (4608, 16896):
+        for dtype in (torch.bfloat16, torch.float16):
+            ok = all_ranks(check_all_to_all(nv, group, tokens, dtype, 7))
+            result["checks"].append({"what": "ulysses all-to-all, both ways, 3 uses", "tokens": tokens,
+                                     "dtype": str(dtype), "bit_exact": bool(ok)})
+            print(json.dumps(result["checks"][-1]), flush=True)
+    if dist.get_world_size(group) > 1:
+        result["checks"].append({"what": "torus step (one peer), 3 uses",
+                                 "bit_exact": bool(all_ranks(check_exchange(nv, group, 9)))})
+    if args.machines == 1:
+        for tokens in (4096, 16384):
+            err, jerr = check_torus_attention(nv, group, tokens, 11 + tokens)
+            err, jerr = all_ranks(err, dist.ReduceOp.MAX), all_ranks(jerr, dist.ReduceOp.MAX)
+            result["checks"].append({"what": "torus attention (ulysses over nvshmem) vs one process",
+                                     "image_tokens": tokens, "text_tokens": TEXT, "dtype": "torch.bfloat16",
+                                     "max_rel_err": err, "max_joint_rel_err": jerr, "pass": err < 2e-2 and jerr < 2e-2})
+    pes = [None] * world
+    dist.all_gather_object(pes, _STATE["pe_of_rank"])
+    result["nvshmem_jobs"] = sorted({tuple(sorted(p.items())) for p in pes})
+    result["symmetric_MiB_in_use_rank0"] = _STATE["symmetric_bytes"] / 2**20
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, f"shared_gpu_{world}ranks_{args.machines}machines.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        print(json.dumps(result, indent=2))
+    dist.barrier()
+    from swiftfusion_xdit.nvshmem_transport import shutdown_nvshmem
+    shutdown_nvshmem()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
