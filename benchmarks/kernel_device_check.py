@@ -153,9 +153,10 @@ def host_costs(P=4, tokens=4608):
     def triton_launcher():
         use[0] += 1
         args = (x, layout.dsts[use[0] % 2], bufs[0].flags, bufs[0].data_deltas, bufs[0].flag_deltas,
-                dests, 0, P, (use[0] + 1) // 2, use[0] % 2, *layout.ints)
+                dests, bufs[0].flags, bufs[0].data[0].numel(), 0, P, (use[0] + 1) // 2, use[0] % 2,
+                *layout.ints)
         pc._put_chunks_kernel[(P * 4,)](*args, CTAS_PER_PEER=4, BLOCK_R=layout.blocks[0],
-                                        BLOCK_D=layout.blocks[1], WAIT=False)
+                                        BLOCK_D=layout.blocks[1], WAIT=False, COUNTED=False)
 
     one = torch.zeros(1, device="cuda")
     out = {}

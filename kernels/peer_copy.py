@@ -16,6 +16,10 @@ site (shapes and strides) and cached on the buffers.
     receiver r:              spin until flag[slot][s] >= epoch * ctas_per_peer
                              (acquire, sys) for every awaited source s
 
+With ``COUNTED`` the kernels read the use number from a device counter
+instead of taking it as an argument (CUDA graphs: the replayed graph advances
+the counter), and the slot and epoch follow from it in the kernel.
+
 Flags only grow, so nothing is ever reset and no barrier is needed. Two
 slots: a sender writes slot e % 2 again at use e + 2 only after it has
 waited for data that the receiver sent after finishing with use e -- in an
@@ -53,13 +57,18 @@ from ..transport import split_chunks
 # would be compiled and loaded while another rank's kernel may be spinning on
 # this GPU, and loading a module can wait for running kernels (a deadlock).
 @triton.jit(do_not_specialize=["me", "epoch", "slot"])
-def _put_chunks_kernel(src, dst, flags, dst_deltas, flag_deltas, dests,
+def _put_chunks_kernel(src, dst, flags, dst_deltas, flag_deltas, dests, counter, slot_elems,
                        me, P, epoch, slot,
                        G0, G1, R, D,
                        s_dest, s0, s1, s2,
                        d_src, d0, d1, d2,
                        CTAS_PER_PEER: tl.constexpr, BLOCK_R: tl.constexpr,
-                       BLOCK_D: tl.constexpr, WAIT: tl.constexpr):
+                       BLOCK_D: tl.constexpr, WAIT: tl.constexpr, COUNTED: tl.constexpr):
+    if COUNTED:  # the use number lives on the device (CUDA graphs replay it correctly)
+        use = tl.load(counter)
+        slot = use % 2
+        epoch = (use + 1) // 2
+        dst = dst + slot * slot_elems
     pid = tl.program_id(0)
     lane = pid % CTAS_PER_PEER
     peer = tl.load(dests + pid // CTAS_PER_PEER)
@@ -91,7 +100,11 @@ def _put_chunks_kernel(src, dst, flags, dst_deltas, flag_deltas, dests,
 
 
 @triton.jit(do_not_specialize=["slot", "target"])
-def _wait_flags_kernel(flags, sources, slot, P, target):
+def _wait_flags_kernel(flags, sources, counter, slot, P, target, COUNTED: tl.constexpr):
+    if COUNTED:  # target is then the count per epoch
+        use = tl.load(counter)
+        slot = use % 2
+        target = (use + 1) // 2 * target
     src = tl.load(sources + tl.program_id(0))
     flag = flags + slot * P + src
     seen = tl.atomic_add(flag, 0, sem="acquire", scope="sys")
@@ -198,14 +211,15 @@ class _Layout:
         self.compiled: dict = {}  # (slot, src 16-byte aligned, wait, ctas) -> compiled kernel
 
     def launch(self, src: torch.Tensor, buffers: PeerBuffers, me: int, dests: torch.Tensor, use: int,
-               ctas_per_peer: int, wait: bool) -> None:
-        slot = use % 2
+               ctas_per_peer: int, wait: bool, counter: torch.Tensor | None = None) -> None:
+        slot = 0 if counter is not None else use % 2  # counted: the kernel picks the slot
         args = (src, self.dsts[slot], buffers.flags, buffers.data_deltas, buffers.flag_deltas, dests,
+                buffers.flags if counter is None else counter, buffers.data[0].numel(),
                 me, buffers.group_size, (use + 1) // 2, slot, *self.ints)
         constexprs = dict(CTAS_PER_PEER=ctas_per_peer, BLOCK_R=self.blocks[0], BLOCK_D=self.blocks[1],
-                          WAIT=wait)
+                          WAIT=wait, COUNTED=counter is not None)
         # all other arguments are fixed per layout (or not specialised on)
-        key = (slot, src.data_ptr() % 16 == 0, wait, ctas_per_peer)
+        key = (slot, src.data_ptr() % 16 == 0, wait, ctas_per_peer, counter is not None)
         _launch(_put_chunks_kernel, self.compiled, key, dests.numel() * ctas_per_peer, args, constexprs)
 
 
@@ -216,25 +230,38 @@ def _cached_layout(buffers: PeerBuffers, key, views) -> _Layout:
     return buffers.plans[key]
 
 
-def wait_flags(buffers: PeerBuffers, sources: torch.Tensor, use: int, ctas_per_peer: int) -> None:
-    """Wait (on the current stream) until the data of ``use`` from every rank in
-    ``sources`` (int64 device tensor) has landed."""
-    _launch(_wait_flags_kernel, _WAIT_COMPILED, buffers.group_size, sources.numel(),
-            (buffers.flags, sources, use % 2, buffers.group_size, ((use + 1) // 2) * ctas_per_peer), {})
+def wait_flags(buffers: PeerBuffers, sources: torch.Tensor, use: int, ctas_per_peer: int,
+               counter: torch.Tensor | None = None) -> None:
+    """Wait (on the current stream) until the data of ``use`` (or of the use in
+    ``counter``) from every rank in ``sources`` (int64 device tensor) has landed."""
+    counted = counter is not None
+    args = (buffers.flags, sources, counter if counted else buffers.flags, use % 2, buffers.group_size,
+            ctas_per_peer if counted else ((use + 1) // 2) * ctas_per_peer)
+    _launch(_wait_flags_kernel, _WAIT_COMPILED, (buffers.group_size, counted), sources.numel(), args,
+            dict(COUNTED=counted))
 
 
 def all_to_all_put(x: torch.Tensor, scatter_dim: int, gather_dim: int, buffers: PeerBuffers,
                    me: int, dests: torch.Tensor, use: int, *, ctas_per_peer: int,
-                   wait: bool = True) -> torch.Tensor:
+                   wait: bool = True, counter: torch.Tensor | None = None) -> torch.Tensor:
     """The transport's all-to-all: split ``x`` along ``scatter_dim``, land the
     chunks concatenated along ``gather_dim`` in each receiver's slot; returns
-    our slot (complete once the kernel's waits, or ``wait_flags``, are done)."""
+    our slot (complete once the kernel's waits, or ``wait_flags``, are done).
+
+    With ``counter`` (a one-element int64 device tensor the caller has already
+    advanced) the use number is read on the device instead and the slot is
+    chosen there; take the result with ``counted_slot``."""
     P = buffers.group_size
     layout = _cached_layout(buffers, ("a2a", scatter_dim, gather_dim, x.shape, x.stride()),
                             lambda: (split_chunks(x, P, scatter_dim),
                                      lambda slot: split_chunks(slot, P, gather_dim)))
-    layout.launch(x, buffers, me, dests, use, ctas_per_peer, wait)  # the views start at x
+    layout.launch(x, buffers, me, dests, use, ctas_per_peer, wait, counter)  # the views start at x
     return buffers.data[use % 2]
+
+
+def counted_slot(buffers: PeerBuffers, counter: torch.Tensor) -> torch.Tensor:
+    """A copy of the slot that the use in ``counter`` landed in (chosen on the device)."""
+    return buffers.data.index_select(0, counter.remainder(2)).squeeze(0)
 
 
 def put_one(send: torch.Tensor, buffers: PeerBuffers, me: int, dest: torch.Tensor, use: int, *,

@@ -20,8 +20,16 @@ The hot path makes no host NVSHMEM calls, no staging copies and no
 allocations. Results live in a channel slot and stay valid until the
 channel's use after next (``borrows_buffers``; see the kernel module for why
 two slots suffice); Torus Attention consumes them within the layer and
-copies its output out. Channel uses are counted on the host, so a captured
-CUDA graph would replay stale counts: capture is refused.
+copies its output out.
+
+CUDA graphs: eager channels count their uses on the host, which a replayed
+graph would not advance. Under ``torch.compile`` the all-to-all is one
+custom op (``swiftfusion::nvshmem_all_to_all``), so dynamo keeps it in the
+graph, and it and any all-to-all made while a stream is capturing take the
+counted path: the use number is a device counter the graph itself advances,
+the kernel picks the slot from it, and the result is copied out of the slot
+(one extra on-GPU copy of the received bytes). ``exchange`` stays host
+counted; capturing it is refused.
 
 Symmetric memory is sized from the problem: each channel takes exactly two
 slots of its receive shape, checked against the GPU's free memory before it
@@ -37,6 +45,7 @@ from __future__ import annotations
 
 import atexit
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
@@ -44,6 +53,26 @@ import torch.distributed as dist
 from .transport import join_chunks, split_chunks
 
 _STATE: dict = {}
+
+
+def a2a_shape(shape, P: int, scatter_dim: int, gather_dim: int) -> torch.Size:
+    """What an all-to-all of a ``shape`` tensor returns on each rank."""
+    send = split_chunks(torch.empty(shape, device="meta"), P, scatter_dim)
+    return join_chunks(send, gather_dim).shape
+
+
+@torch.library.custom_op("swiftfusion::nvshmem_all_to_all", mutates_args=())
+def _all_to_all_op(x: torch.Tensor, group_name: str, scatter_dim: int, gather_dim: int) -> torch.Tensor:
+    from torch.distributed.distributed_c10d import _resolve_process_group
+    return _STATE["transport"].all_to_all_counted(x, _resolve_process_group(group_name),
+                                                  scatter_dim, gather_dim)
+
+
+@_all_to_all_op.register_fake
+def _(x, group_name, scatter_dim, gather_dim):
+    from torch.distributed.distributed_c10d import _resolve_process_group
+    P = dist.get_world_size(_resolve_process_group(group_name))
+    return x.new_empty(a2a_shape(x.shape, P, scatter_dim, gather_dim))
 
 
 def unavailable_reason() -> str | None:
@@ -164,6 +193,7 @@ class _Channel:
         self.buffers = PeerBuffers(data, flags, _peer_deltas(data, ranks), _peer_deltas(flags, ranks))
         self.ctas = ctas_per_peer(chunk_bytes, P)
         self.uses = 0
+        self.counter = _kept_tensor([0])  # uses, for CUDA graphs
         self._tables: dict = {}
         torch.cuda.synchronize()
         dist.barrier(group)  # every rank's flags are zero before anyone signals
@@ -174,7 +204,7 @@ class _Channel:
 
     def table(self, ranks: tuple[int, ...]) -> torch.Tensor:
         if ranks not in self._tables:
-            self._tables[ranks] = torch.tensor(ranks, dtype=torch.int64, device="cuda")
+            self._tables[ranks] = _kept_tensor(ranks)
         return self._tables[ranks]
 
     def free(self):
@@ -194,7 +224,25 @@ def _peer_deltas(local: torch.Tensor, ranks: list[int]) -> torch.Tensor:
                                "machine?): the one-sided kernels store into peers' memory directly; "
                                "use comm='nccl' across machines")
         deltas.append((ptr - local.data_ptr()) // local.element_size())
-    return torch.tensor(deltas, dtype=torch.int64, device="cuda")
+    return _kept_tensor(deltas)
+
+
+def _kept_tensor(values) -> torch.Tensor:
+    """An int64 device tensor the transport keeps across calls, made on a helper thread.
+
+    torch.compile's CUDA graphs warm up with this thread's allocations routed into
+    their private memory pool, and refuse any that outlive the run (a channel's
+    counter and tables are made on its first call, which may be that warm-up)."""
+    device = torch.cuda.current_device()
+
+    def make():
+        kept = torch.tensor(values, dtype=torch.int64, device=f"cuda:{device}")
+        torch.cuda.current_stream(device).synchronize()
+        return kept
+    return _KEEPER.submit(make).result()
+
+
+_KEEPER = ThreadPoolExecutor(1)
 
 
 def _peer_pointer(get_peer_tensor, local: torch.Tensor, pe: int) -> int:
@@ -233,10 +281,16 @@ class _Done:
 
 class NvshmemTransport:
     name = "nvshmem"
-    borrows_buffers = True  # results are channel slots: valid until the channel's use after next
+
+    @property
+    def borrows_buffers(self) -> bool:
+        """Eager results are channel slots, valid until the channel's use after next;
+        compiled and captured ones are copies (``all_to_all_counted``)."""
+        return not (torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing())
 
     def __init__(self):
         init_nvshmem()
+        _STATE["transport"] = self  # the compiled graph's op finds it here
         self._sites: dict = {}  # call site -> (channel, our group rank, peer table): one lookup per call
 
     def _channel(self, kind: str, recv_shape, dtype, group, chunk_bytes: int) -> _Channel:
@@ -246,25 +300,38 @@ class NvshmemTransport:
             channels[key] = _Channel(recv_shape, dtype, group, chunk_bytes)
         return channels[key]
 
-    def _a2a_site(self, x: torch.Tensor, group, scatter_dim: int, gather_dim: int):
+    def _a2a_site(self, kind: str, x: torch.Tensor, group, scatter_dim: int, gather_dim: int):
+        key = (kind, group, x.shape, x.dtype, scatter_dim, gather_dim)
+        if key in self._sites:
+            return self._sites[key]
         P, me = dist.get_world_size(group), dist.get_rank(group)
-        send = split_chunks(x, P, scatter_dim)
-        recv_shape = join_chunks(torch.empty(send.shape, device="meta"), gather_dim).shape
-        ch = self._channel("a2a", recv_shape, x.dtype, group, send[0].numel() * x.element_size())
+        ch = self._channel(kind, a2a_shape(x.shape, P, scatter_dim, gather_dim), x.dtype, group,
+                           x.numel() // P * x.element_size())
         # the first CTAs go to the next peer (remote stores start first, our own copy last),
         # and each rank starts on a different peer
-        return ch, me, ch.table(tuple((me + 1 + i) % P for i in range(P)))
+        self._sites[key] = ch, me, ch.table(tuple((me + 1 + i) % P for i in range(P)))
+        return self._sites[key]
 
-    @torch.compiler.disable  # host-side use counts: run eagerly inside compiled models
     def all_to_all(self, x: torch.Tensor, group, scatter_dim: int = 0, gather_dim: int = 0):
+        if torch.compiler.is_compiling():  # one op in the graph, so CUDA graphs can hold it
+            return torch.ops.swiftfusion.nvshmem_all_to_all(x, group.group_name, scatter_dim, gather_dim)
+        if torch.cuda.is_current_stream_capturing():
+            return self.all_to_all_counted(x, group, scatter_dim, gather_dim)
         from .kernels.peer_copy import all_to_all_put
-        _refuse_capture()
-        key = ("a2a", group, x.shape, x.dtype, scatter_dim, gather_dim)
-        if key not in self._sites:
-            self._sites[key] = self._a2a_site(x, group, scatter_dim, gather_dim)
-        ch, me, dests = self._sites[key]
+        ch, me, dests = self._a2a_site("a2a", x, group, scatter_dim, gather_dim)
         return all_to_all_put(x, scatter_dim, gather_dim, ch.buffers, me, dests, ch.next_use(),
                               ctas_per_peer=ch.ctas)
+
+    def all_to_all_counted(self, x: torch.Tensor, group, scatter_dim: int = 0, gather_dim: int = 0):
+        """The all-to-all with its use number on the device: a replayed CUDA graph advances
+        it, and the kernel picks the slot from it. The result is copied out of the slot
+        (a slot chosen on the device has no fixed address to hand out)."""
+        from .kernels.peer_copy import all_to_all_put, counted_slot
+        ch, me, dests = self._a2a_site("a2a-counted", x, group, scatter_dim, gather_dim)
+        ch.counter.add_(1)
+        all_to_all_put(x, scatter_dim, gather_dim, ch.buffers, me, dests, 0, ctas_per_peer=ch.ctas,
+                       counter=ch.counter)
+        return counted_slot(ch.buffers, ch.counter)
 
     def _exchange_site(self, send: torch.Tensor, dst: int, src: int, group):
         P, me = dist.get_world_size(group), dist.get_rank(group)

@@ -37,6 +37,11 @@ def test_torus_step_lands_in_the_receivers_slot():
     _run("exchange")
 
 
+def test_use_counted_on_the_device_picks_the_same_slots():
+    """The CUDA-graph mode: use numbers read from a device counter, slots chosen in the kernel."""
+    _run("counted")
+
+
 def test_collapse_merges_contiguous_dims_and_refuses_four_outer():
     from swiftfusion_xdit.kernels.peer_copy import collapse
     # Ulysses: the (n, B, h, s, D) = (3, 2, 4, 5, 16) chunk of a (3, 2, 8, 5, 16) tensor,
@@ -108,6 +113,29 @@ def _exchange() -> None:
             assert flags[r][use % 2, (r - 1) % P] == ctas and flags[r][use % 2, (r + 1) % P] == 0
 
 
+def _counted() -> None:
+    import torch
+    from swiftfusion_xdit.kernels.peer_copy import all_to_all_put, counted_slot, wait_flags
+    P, (n, B, H, s, D), ctas = 3, (3, 1, 6, 4, 16), 2
+    g = torch.Generator().manual_seed(2)
+    bufs, flags = _ranks(P, (n, B, H // P, P * s, D), torch.bfloat16)
+    counters = [torch.zeros(1, dtype=torch.int64) for _ in range(P)]
+    dests = [torch.tensor([(r + i) % P for i in range(P)]) for r in range(P)]
+    for use in (1, 2, 3):
+        xs = [torch.randn(n, B, H, s, D, generator=g).bfloat16() for _ in range(P)]
+        for r in range(P):
+            counters[r].add_(1)
+            all_to_all_put(xs[r], 2, 3, bufs[r], r, dests[r], 0, ctas_per_peer=ctas, wait=False,
+                           counter=counters[r])  # host use 0: ignored
+        for r in range(P):
+            wait_flags(bufs[r], torch.arange(P), 0, ctas, counter=counters[r])
+            heads = slice(r * (H // P), (r + 1) * (H // P))
+            got = counted_slot(bufs[r], counters[r])
+            assert torch.equal(got, torch.cat([x[:, :, heads] for x in xs], dim=3)), (use, r)
+            assert torch.equal(got, bufs[r].data[use % 2])  # the host-counted mode's slot
+    assert all((f[1] == 2 * ctas).all() and (f[0] == ctas).all() for f in flags)
+
+
 if __name__ == "__main__":
-    {"ulysses": _ulysses, "exchange": _exchange}[sys.argv[1]]()
+    {"ulysses": _ulysses, "exchange": _exchange, "counted": _counted}[sys.argv[1]]()
     print("passed")

@@ -90,3 +90,35 @@ def test_symmetric_memory_is_checked_against_the_gpu_before_the_heap_grows():
     with pytest.raises(RuntimeError, match=r"needs 600 MiB more .* grow by 376 MiB, but only 300 MiB "
                                            r"of GPU memory is free: use more GPUs per machine"):
         check_fits(600 * MiB, 800 * MiB, 1024 * MiB, free=300 * MiB)
+
+
+def _compiled_nvshmem_all_to_all_is_one_graph_op(rank, world):
+    """Under torch.compile the NVSHMEM all-to-all is one custom op in the graph (so CUDA graphs
+    can capture it) that runs the device-counted path. The kernels need a GPU, so the counted
+    path is stood in for by gloo here: what is checked is the tracing (fullgraph: no break),
+    the op's fake shapes, and the result flowing through it."""
+    import torch.distributed as dist
+    from swiftfusion_xdit import nvshmem_transport as nt
+
+    class GlooCounted(nt.NvshmemTransport):
+        def __init__(self):
+            nt._STATE["transport"] = self
+            self.calls = 0
+
+        def all_to_all_counted(self, x, group, scatter_dim=0, gather_dim=0):
+            self.calls += 1
+            return tr.TwoSidedTransport("gloo").all_to_all(x, group, scatter_dim, gather_dim)
+
+    t = GlooCounted()
+    f = torch.compile(lambda x: t.all_to_all(x * 2, dist.group.WORLD, 2, 3) + 1, fullgraph=True)
+    x = torch.randn(3, 1, 2 * world, 5, 4)
+    got = f(x)
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x)
+    heads = slice(2 * rank, 2 * rank + 2)
+    assert torch.equal(got, torch.cat([p[:, :, heads] for p in parts], dim=3) * 2 + 1)
+    assert t.calls == 1
+
+
+def test_compiled_nvshmem_all_to_all_is_one_graph_op():
+    run_ranks(_compiled_nvshmem_all_to_all_is_one_graph_op, 1, 2)
