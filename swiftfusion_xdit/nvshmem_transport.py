@@ -254,8 +254,9 @@ def _peer_pointer(get_peer_tensor, local: torch.Tensor, pe: int) -> int:
 
 def _refuse_capture() -> None:
     if torch.cuda.is_current_stream_capturing():
-        raise RuntimeError("the NVSHMEM transport counts channel uses on the host, so a captured "
-                           "CUDA graph would replay stale counts; use comm='nccl' with CUDA graphs")
+        raise RuntimeError("the NVSHMEM torus exchange counts its uses on the host, so a captured "
+                           "CUDA graph would replay stale counts (its all-to-all can be captured); "
+                           "use comm='nccl' for a torus inside one machine under CUDA graphs")
 
 
 class _Pending:
