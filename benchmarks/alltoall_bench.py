@@ -14,7 +14,6 @@ Bus bandwidth = bytes per rank x (P-1)/P / time, NCCL's convention.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import torch
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 
 from swiftfusion_xdit.torus_attention import Joint, SPGroups, _heads_to_seq, _seq_to_heads, torus_attention
 from swiftfusion_xdit.transport import TwoSidedTransport, resolve_transport
-from timing import median_ms
+from timing import median_ms, save_and_shut_down
 
 
 def bench(fn, batch, repeats):
@@ -93,15 +92,7 @@ def main():
         result["sizes"].append({"per_rank_bytes": kib * 1024, "nccl_ms": t_nccl, "nvshmem_ms": t_nv,
                                 "nccl_busbw_GBps": bus(t_nccl), "nvshmem_busbw_GBps": bus(t_nv),
                                 "nccl_over_nvshmem": t_nccl / t_nv})
-    if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, f"alltoall_{world}gpu.json"), "w") as f:
-            json.dump(result, f, indent=2)
-        print(json.dumps(result, indent=2))
-    dist.barrier()
-    from swiftfusion_xdit.nvshmem_transport import shutdown_nvshmem
-    shutdown_nvshmem()
-    dist.destroy_process_group()
+    save_and_shut_down(result, args.out, f"alltoall_{world}gpu.json")
 
 
 if __name__ == "__main__":

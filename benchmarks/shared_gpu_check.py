@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from swiftfusion_xdit.nvshmem_transport import _STATE, NvshmemTransport
 from swiftfusion_xdit.torus_attention import Joint, SPGroups, torus_attention
+from timing import save_and_shut_down
 
 HEADS, HEAD_DIM, TEXT = 24, 128, 512  # FLUX.1-dev attention
 
@@ -212,15 +213,7 @@ def main():
     dist.all_gather_object(pes, _STATE["pe_of_rank"])
     result["nvshmem_jobs"] = sorted({tuple(sorted(p.items())) for p in pes})
     result["symmetric_MiB_in_use_rank0"] = _STATE["symmetric_bytes"] / 2**20
-    if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, f"shared_gpu_{world}ranks_{args.machines}machines.json"), "w") as f:
-            json.dump(result, f, indent=2)
-        print(json.dumps(result, indent=2))
-    dist.barrier()
-    from swiftfusion_xdit.nvshmem_transport import shutdown_nvshmem
-    shutdown_nvshmem()
-    dist.destroy_process_group()
+    save_and_shut_down(result, args.out, f"shared_gpu_{world}ranks_{args.machines}machines.json")
 
 
 if __name__ == "__main__":
