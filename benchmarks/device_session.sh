@@ -6,7 +6,8 @@
 # Run from the repository root on the device machine with .whl/ carried (it must hold
 # ../shared/tools/device-wheels.sh's wheels and ours: pip wheel --no-deps . -w .whl/).
 # Steps (N = GPUs on the machine):
-#   kernels    one-sided all-to-all vs NCCL on N ranks, NVSHMEM vs NCCL microbenchmark
+#   kernels    one-sided all-to-all vs NCCL on N ranks, CUDA graphs and compile over NVSHMEM
+#   alltoall   NVSHMEM vs NCCL all-to-all microbenchmark
 #   harness-1  probes + xDiT + diffusers path, 1xN and 2x(N/2)            (new OUT_FOLDER)
 #   harness-2  the same for Nx1 and the paced 50 GB/s twins               (--append)
 #   compiled   compiled runs (xDiT --use_torch_compile, torch.compile)    (--append)
@@ -25,11 +26,13 @@ harness() { python3 benchmarks/harness.py --gpus "$n" --out "$out" "$@"; }
 case $step in
   kernels)
     timeout 200 torchrun --nproc-per-node "$n" benchmarks/kernel_device_check.py --nvshmem --out "$out"
-    timeout 350 torchrun --nproc-per-node "$n" benchmarks/alltoall_bench.py --out "$out" ;;
+    timeout 200 torchrun --nproc-per-node "$n" benchmarks/shared_gpu_check.py --machines 1 --out "$out" ;;
+  alltoall)  timeout 500 torchrun --nproc-per-node "$n" benchmarks/alltoall_bench.py --out "$out" ;;
   harness-1) harness --topologies "1x$n,2x$half" --sizes 1024 --timeout 240 ;;
   harness-2) harness --topologies "${n}x1,2x${half}p50,${n}x1p50" --sizes 1024 --timeout 240 --append ;;
   compiled)  harness --topologies "1x$n,2x$half" --sizes 1024 --suites xdit --compile --timeout 300 --append ;;
   video)     harness --topologies "1x$n,2x$half" --suites video --timeout 280 --append ;;
   *) echo "unknown step $step"; exit 2 ;;
 esac
-[ "$step" = kernels ] || python3 benchmarks/report.py "$out" > /dev/null
+case $step in kernels|alltoall) exit 0 ;; esac
+python3 benchmarks/report.py "$out" > /dev/null

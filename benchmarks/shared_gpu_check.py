@@ -10,7 +10,8 @@ symmetric buffers mapped into the other processes, flags raised across
 processes -- only with every PE on the same GPU (NVSHMEM's "multiple PEs per
 GPU", which needs MPS for kernels of different processes to run at once: the
 kernels spin on each other's flags). ``--machines M`` emulates M machines
-(``SWIFTFUSION_NODE``), so NVSHMEM starts one job per machine.
+(``SWIFTFUSION_NODE``), so NVSHMEM starts one job per machine. With a GPU per
+rank (``device_session.sh kernels``) the same checks run over NVLink.
 
 NCCL refuses two ranks on one GPU, so torch.distributed runs on gloo here and
 the references are built from CPU copies: the Ulysses all-to-all both ways
@@ -175,7 +176,7 @@ def main():
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     os.environ["SWIFTFUSION_NODE"] = f"node{rank // (world // args.machines)}"
     dist.init_process_group("gloo")
-    torch.cuda.set_device(0)
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())  # shared if few
     group = machine_groups(args.machines)
     nv = NvshmemTransport()  # directly: resolve_transport insists on NCCL, which cannot run here
     result = {"device": torch.cuda.get_device_name(), "world": world, "machines": args.machines,
