@@ -13,6 +13,9 @@ are sharded).
 Every rank builds the same model (same seed, built on its GPU), runs it
 unparallelised (the reference), then shards it with each strategy in turn
 and runs the same inputs. One forward = one denoising step without CFG.
+Each run also profiles one forward for its per-layer attention and
+communication time (``kernel_breakdown.py``; the rank with the most exposed
+communication is reported).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 import paced_link
+from kernel_breakdown import profile_step
 from swiftfusion_xdit.topology import emulate_machines
 
 TEXT = 512
@@ -108,6 +112,21 @@ def all_to_all_busbw(mib=64, repeats=10):
     return mib * 2**20 * (world - 1) / world / ((time.perf_counter() - t) / repeats) / 1e9
 
 
+def profile_forward(model, model_name, size) -> dict:
+    """Per-layer attention / communication GPU time of one profiled forward (this rank)."""
+    layers = sum(getattr(model.config, k, 0) or 0 for k in ("num_layers", "num_single_layers"))
+    kw = inputs(model_name, size, 7)
+    with torch.no_grad():
+        return profile_step(lambda: model(**kw), layers)
+
+
+def slowest_rank(per_layer: dict) -> dict:
+    """Every rank's breakdown, gathered; the rank with the most exposed communication is kept."""
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, per_layer)
+    return max(everyone, key=lambda b: b["exposed_communication_ms_per_layer"])
+
+
 def maybe_compile(model, compile_: bool):
     """torch.compile after parallelisation, so the compiled graph includes the CP hooks."""
     return torch.compile(model) if compile_ else model
@@ -150,6 +169,7 @@ def main():
     model = maybe_compile(build(args.model, 0), args.compile)
     for size in sizes:
         refs[size] = forward_ms(model, inputs(args.model, size, 7), args.repeats)
+        result.setdefault("one_gpu_per_layer", {})[size] = profile_forward(model, args.model, size)
     del model
     torch.cuda.empty_cache()
     for strategy in args.strategies.split(","):
@@ -169,7 +189,8 @@ def main():
                                    "size": int(size) if size.isdigit() else size,
                                    "tokens": tokens(args.model, size), "one_gpu_ms": ref_ms,
                                    "parallel_ms": ms, "speedup": ref_ms / ms, "rel_err": err,
-                                   "pass": err < 2e-2})
+                                   "pass": err < 2e-2,
+                                   "per_layer": slowest_rank(profile_forward(model, args.model, size))})
             if rank == 0:
                 print(json.dumps(result["runs"][-1]), flush=True)
         del model

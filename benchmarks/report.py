@@ -34,7 +34,8 @@ def xdit_rows(harness):
         name, topo = row["name"].split()[:2]
         rows.append(dict(path="xdit", model="flux-dev", strategy=name,
                          compiled=compiled, topology=topo, size=r["height"], gpus=r["world"],
-                         ms=r["median_step_ms"], rel_err=row["rel_err_vs_1gpu"], text_in_exchange=False))
+                         ms=r["median_step_ms"], rel_err=row["rel_err_vs_1gpu"], text_in_exchange=False,
+                         per_layer=r.get("per_layer")))
     return rows, one_gpu
 
 
@@ -52,7 +53,7 @@ def diffusers_rows(folder):
             rows.append(dict(path="diffusers", model=model, strategy=run["strategy"],
                              compiled=compiled, topology=topo,
                              size=run["size"], gpus=result["world"], ms=run["parallel_ms"],
-                             rel_err=run["rel_err"], text_in_exchange=True))
+                             rel_err=run["rel_err"], text_in_exchange=True, per_layer=run.get("per_layer")))
     return rows, one_gpu
 
 
@@ -112,6 +113,25 @@ def link_lines(probes: dict[str, dict]) -> list[str]:
                     "project's probes), so a run can beat it.", ""]
 
 
+def per_layer_lines(rows) -> list[str]:
+    """Where each run spent its GPU time per layer (benchmarks/kernel_breakdown.py)."""
+    rows = [r for r in rows if r.get("per_layer")]
+    if not rows:
+        return []
+    lines = ["## GPU time per transformer layer (ms), from one profiled run", "",
+             "Communication kernels run until their data arrives (waiting included); exposed = "
+             "the part with no attention or other compute running beside it. The rank with the "
+             "most exposed communication is shown.", "",
+             "| path | topology | size | strategy | attention | communication | exposed | other compute |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["path"], r["model"], str(r["size"]), r["topology"], r["ms"])):
+        b = r["per_layer"]
+        lines.append(f"| {r['path']} | {r['topology']} | {size_label(r)} | {shown(r)} | {b['attention_ms_per_layer']:.3f} | "
+                     f"{b['communication_ms_per_layer']:.3f} | {b['exposed_communication_ms_per_layer']:.3f} | "
+                     f"{b['compute_ms_per_layer']:.3f} |")
+    return lines + [""]
+
+
 def main(folder):
     harness = json.load(open(os.path.join(folder, "harness.json")))
     probes = load_probes(folder)
@@ -137,6 +157,7 @@ def main(folder):
                          f"{'—' if floor is None else f'{floor:.0f}'} | {r['rel_err']:.1e} |")
         lines += ["", "One GPU: " + ", ".join(f"{size_label(dict(model=m, size=s))}{' compiled' * c} {t:.1f} ms"
                                            for (m, s, c), t in sorted(one.items(), key=str)), ""]
+    lines += per_layer_lines(x_rows + d_rows)
     lines += ["## torus vs the best xDiT USP split (same run)", "",
               "| topology | size | best torus | torus ms | best USP | USP ms | speedup |",
               "|---|---|---|---|---|---|---|"]

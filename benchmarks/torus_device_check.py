@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from kernel_breakdown import overlap, union
 from swiftfusion_xdit.mesh import build_mesh, plan_layout
 from swiftfusion_xdit.topology import detect_topology, emulate_machines
 from swiftfusion_xdit.torus_attention import Joint, SPGroups, torus_attention
@@ -84,24 +85,6 @@ def time_ms(fn, iters=20, warmup=5):
     return statistics.median(times)
 
 
-def _union(intervals):
-    merged = []
-    for s, e in sorted(intervals):
-        if merged and s <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], e)
-        else:
-            merged.append([s, e])
-    return merged
-
-
-def _overlap(a, b):
-    total = 0.0
-    for s, e in a:
-        for s2, e2 in b:
-            total += max(0.0, min(e, e2) - max(s, s2))
-    return total
-
-
 def hidden_fraction(trace_path: str) -> dict:
     events = json.load(open(trace_path))["traceEvents"]
     ranges = [e for e in events if e.get("cat") == "user_annotation" and e.get("name") == "torus_exchange"]
@@ -109,11 +92,11 @@ def hidden_fraction(trace_path: str) -> dict:
     exchange_ids = {e["args"].get("correlation") for e in launches
                     if any(r["tid"] == e["tid"] and r["ts"] <= e["ts"] <= r["ts"] + r["dur"] for r in ranges)}
     kernels = [e for e in events if e.get("cat") == "kernel"]
-    exch = _union([(e["ts"], e["ts"] + e["dur"]) for e in kernels
+    exch = union([(e["ts"], e["ts"] + e["dur"]) for e in kernels
                    if e["args"].get("correlation") in exchange_ids])
-    compute = _union([(e["ts"], e["ts"] + e["dur"]) for e in kernels if "nccl" not in e["name"].lower()])
+    compute = union([(e["ts"], e["ts"] + e["dur"]) for e in kernels if "nccl" not in e["name"].lower()])
     exch_us = sum(e - s for s, e in exch)
-    hidden_us = _overlap(exch, compute)
+    hidden_us = overlap(exch, compute)
     compute_us = sum(e - s for s, e in compute)
     return {"exchange_gpu_us": exch_us, "compute_gpu_us": compute_us, "hidden_us": hidden_us,
             "hidden_fraction": hidden_us / exch_us if exch_us else None,

@@ -11,7 +11,8 @@ builds the pipeline from FLUX.1-dev's configs with seeded random weights
 its argument parser (with our ``--sp-strategy``), ``xFuserModelRunner``,
 the Flux runner model, ``xFuserFlux1Transformer2DWrapper`` and its
 ``USP(...)`` attention. Writes ``latents.pt`` (the last rank's final latents,
-packed) and ``result.json`` (per-step latency) to ``--output_directory``.
+packed) and ``result.json`` (per-step latency of the second call, and GPU time
+per layer from a third, profiled one) to ``--output_directory``.
 """
 
 from __future__ import annotations
@@ -90,6 +91,19 @@ def register_random_flux():
     return RandomFlux
 
 
+def profiled_run(runner, input_args) -> dict:
+    """One more call under the profiler: GPU time per transformer layer (every step's 57
+    layers; the text encoders' kernels count as other compute), the rank with the most
+    exposed communication."""
+    import torch.distributed as dist
+    from kernel_breakdown import profile_step
+    layers = 57 * input_args["num_inference_steps"]  # FLUX.1-dev: 19 double + 38 single blocks
+    mine = profile_step(lambda: runner.run(input_args), layers)
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return max(everyone, key=lambda b: b["exposed_communication_ms_per_layer"])
+
+
 def main():
     paced_gbps = paced_link.install_from_env()  # before xfuser binds anything
     sys.argv, nodes = emulate_nodes(sys.argv)
@@ -107,8 +121,10 @@ def main():
     runner.initialize(input_args)
     runner.run(input_args)  # warm-up call
     runner.run(input_args)
+    steps_ms = model_cls.step_ms
+    per_layer = profiled_run(runner, input_args)
     if dist.get_rank() == dist.get_world_size() - 1:  # xfuser's output rank (last stage)
-        steps = model_cls.step_ms[1:]  # the first step carries one-off costs
+        steps = steps_ms[1:]  # the first step carries one-off costs
         out_dir = args["output_directory"]
         os.makedirs(out_dir, exist_ok=True)
         torch.save(model_cls.latents.float().cpu(), os.path.join(out_dir, "latents.pt"))
@@ -120,7 +136,8 @@ def main():
                   "pipefusion_parallel_degree": args["pipefusion_parallel_degree"],
                   "layout": layout.describe() if layout and args["sp_strategy"] == "torus" else None,
                   "height": input_args["height"], "width": input_args["width"],
-                  "step_ms": model_cls.step_ms, "median_step_ms": statistics.median(steps)}
+                  "step_ms": steps_ms, "median_step_ms": statistics.median(steps),
+                  "per_layer": per_layer}
         with open(os.path.join(out_dir, "result.json"), "w") as f:
             json.dump(result, f, indent=2)
         print(json.dumps(result), flush=True)

@@ -98,3 +98,34 @@ def test_report_compares_compiled_runs_with_compiled_runs_only(tmp_path):
     # halved step against the halved one-GPU step: the same 0.32x as eager, not 0.65x
     assert f"| 2x1 | 1024² | xdit-torus-nccl compiled | {ms:.1f} | 0.32x |" in table
     assert "| 2x1 | 1024² compiled |" in table and "| 2x1 | 1024² |" in table
+
+
+def test_kernel_breakdown_splits_gpu_time_and_finds_exposed_communication():
+    from kernel_breakdown import breakdown, kernel_class
+    assert kernel_class("cudnn_generated_fort_native_sdpa_sm90_knob_7_64x128x128") == "attention"
+    assert kernel_class("flash_fwd_kernel<Flash_fwd_kernel_traits>") == "attention"
+    assert kernel_class("ncclDevKernel_SendRecv(ncclDevKernelArgsStorage<4096ul>)") == "communication"
+    assert kernel_class("_put_chunks_kernel") == kernel_class("spin_kernel") == "communication"
+    assert kernel_class("sm90_xmma_gemm_bf16bf16_bf16f32") == "compute"
+    # two layers (us): an NCCL kernel 0-100 beside attention 20-60 and a GEMM 50-80,
+    # then a lone NCCL kernel 200-230: 100 + 30 us on the GPU, 40 + 30 with nothing beside it
+    b = breakdown([("ncclDevKernel_AllGather", 0, 100), ("fmha_cutlassF", 20, 40),
+                   ("gemm", 50, 30), ("ncclDevKernel_SendRecv", 200, 30)], layers=2)
+    assert b["communication_ms_per_layer"] == 130 / 2 / 1e3
+    assert b["exposed_communication_ms_per_layer"] == 70 / 2 / 1e3
+    assert b["attention_ms_per_layer"] == 40 / 2 / 1e3 and b["compute_ms_per_layer"] == 30 / 2 / 1e3
+
+
+def test_report_shows_per_layer_times_when_runs_carry_them(tmp_path):
+    folder = tmp_path / "run"
+    shutil.copytree(os.path.join(BENCH, "results", "h200x2"), folder)
+    check = json.load(open(folder / "flux_check_2x1_nccl.json"))
+    for i, run in enumerate(check["runs"]):
+        run["per_layer"] = {"attention_ms_per_layer": 0.5 + i, "communication_ms_per_layer": 2.0,
+                            "exposed_communication_ms_per_layer": 1.25, "compute_ms_per_layer": 0.75}
+    (folder / "flux_check_2x1_nccl.json").write_text(json.dumps(check))
+    report.main(str(folder))
+    table = (folder / "report.md").read_text()
+    assert "## GPU time per transformer layer (ms)" in table
+    run = check["runs"][0]
+    assert (f"| diffusers | 2x1 | {run['size']}² | {run['strategy']} | 0.500 | 2.000 | 1.250 | 0.750 |") in table
