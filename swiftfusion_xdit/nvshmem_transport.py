@@ -61,6 +61,9 @@ def a2a_shape(shape, P: int, scatter_dim: int, gather_dim: int) -> torch.Size:
     return join_chunks(send, gather_dim).shape
 
 
+# Declared functional: its side effects (the channel's counter, the peers' slots) are paired
+# across ranks by call order, which compiled graphs keep. Two calls on the very same input
+# could be merged by common-subexpression elimination; Torus Attention never makes them.
 @torch.library.custom_op("swiftfusion::nvshmem_all_to_all", mutates_args=())
 def _all_to_all_op(x: torch.Tensor, group_name: str, scatter_dim: int, gather_dim: int) -> torch.Tensor:
     from torch.distributed.distributed_c10d import _resolve_process_group
