@@ -26,7 +26,7 @@ harness() { python3 benchmarks/harness.py --gpus "$n" --out "$out" "$@"; }
 case $step in
   kernels)
     timeout 200 torchrun --nproc-per-node "$n" benchmarks/kernel_device_check.py --nvshmem --out "$out"
-    timeout 200 torchrun --nproc-per-node "$n" benchmarks/shared_gpu_check.py --machines 1 --out "$out" ;;
+    timeout 200 torchrun --nproc-per-node "$n" benchmarks/shared_gpu_check.py --machines 1 --diffusers --out "$out" ;;
   alltoall)  timeout 500 torchrun --nproc-per-node "$n" benchmarks/alltoall_bench.py --out "$out" ;;
   harness-1) harness --topologies "1x$n,2x$half" --sizes 1024 --timeout 240 ;;
   harness-2) harness --topologies "${n}x1,2x${half}p50,${n}x1p50" --sizes 1024 --timeout 240 --append ;;

@@ -328,8 +328,7 @@ def _torus_a2a(qkv, joint: Joint | None, group, transport: Transport, attend: Ke
             slots.fill(a, pending.wait())
             if a < last:
                 nxt = a + 1
-                pending = _post(transport, outgoing((t + nxt) % T), (t + nxt) % T,
-                                             (t - nxt) % T, group)
+                pending = _post(transport, outgoing((t + nxt) % T), (t + nxt) % T, (t - nxt) % T, group)
         # new queries against every key so far (joint keys included)
         block(slots.q_rows(a, a + 1, False), slots.k_rows(0, a + 1, True))
         if a < last:
