@@ -81,8 +81,36 @@ def pick_kernel(q: torch.Tensor, name: str = "auto") -> Kernel:
 
 def merge_into(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor,
                block_lse: torch.Tensor) -> None:
-    """Fold one block's (out, lse) into float32 accumulators, in place."""
+    """Fold one block's (out, lse) into float32 accumulators, in place.
+
+    Rows with no keys yet on either side (lse -inf, out 0: every key masked)
+    stay at -inf and 0 instead of turning into NaN."""
     new_lse = torch.logaddexp(lse, block_lse)
-    out.mul_(torch.exp(lse - new_lse).unsqueeze(-1))
-    out.add_(block_out.float() * torch.exp(block_lse - new_lse).unsqueeze(-1))
+    ref = torch.where(torch.isneginf(new_lse), 0.0, new_lse)
+    out.mul_(torch.exp(lse - ref).unsqueeze(-1))
+    out.add_(block_out.float() * torch.exp(block_lse - ref).unsqueeze(-1))
     lse.copy_(new_lse)
+
+
+def attend_kept(attend: Kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                keep: torch.Tensor | None):
+    """``attend`` over the keys ``keep`` (B, Sk) marks; None: every key.
+
+    Key padding is applied by leaving the masked keys out, which is exact and
+    needs no kernel that takes a mask. It costs a host synchronisation and a
+    gather per batch item, so only masked calls take it. A batch item with no
+    key left gets out 0 and lse -inf, which ``merge_into`` ignores."""
+    if keep is None:
+        return attend(q, k, v, scale)
+    outs, lses = [], []
+    for b in range(q.shape[0]):
+        kept = keep[b].nonzero().squeeze(1)
+        qb = q[b:b + 1]
+        if kept.numel() == 0:
+            outs.append(torch.zeros_like(qb))
+            lses.append(torch.full(qb.shape[:3], float("-inf"), device=q.device))
+            continue
+        out, lse = attend(qb, k[b:b + 1].index_select(2, kept), v[b:b + 1].index_select(2, kept), scale)
+        outs.append(out)
+        lses.append(lse.float())
+    return torch.cat(outs), torch.cat(lses)

@@ -142,19 +142,35 @@ def _wrap_dispatch(module) -> None:
         if not isinstance(cp, TorusContextParallelConfig):
             return original(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                             attention_kwargs, backend=backend, parallel_config=parallel_config)
-        if attn_mask is not None or is_causal or dropout_p:
+        key_mask = _key_padding(attn_mask, query.shape[0], key.shape[1])
+        if (attn_mask is not None and key_mask is None) or is_causal or dropout_p:
             raise NotImplementedError(
-                "swiftfusion's sequence-parallel attention supports unmasked, non-causal attention "
-                "without dropout (as in Flux and Wan self-attention); this call passes "
-                f"attn_mask={'yes' if attn_mask is not None else 'no'}, is_causal={is_causal}, "
-                f"dropout_p={dropout_p}")
+                "swiftfusion's sequence-parallel attention supports non-causal attention without "
+                "dropout, unmasked or with a boolean key-padding mask of shape (B, 1, 1, S) (as in "
+                "Flux, Wan and Qwen-Image); this call passes "
+                f"attn_mask={None if attn_mask is None else (attn_mask.dtype, tuple(attn_mask.shape))}, "
+                f"is_causal={is_causal}, dropout_p={dropout_p}")
         q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # diffusers: (B, S, H, D)
         out = torus_attention(q, k, v, cp.sp_groups, transport=cp.transport, kernel=cp.kernel,
-                              scale=scale)
+                              scale=scale, key_mask=key_mask)
         return out.transpose(1, 2)
 
     dispatch._swiftfusion = True
     module.dispatch_attention_fn = dispatch
+
+
+def _key_padding(attn_mask, batch: int, keys: int):
+    """The (B, S) keys-to-keep of a boolean key-padding mask over this rank's keys, or None.
+
+    diffusers' plan shards such a mask with the sequence (Qwen-Image builds it from the
+    sharded text mask), so each rank holds the part for its own keys."""
+    if attn_mask is None or attn_mask.dtype != torch.bool:
+        return None
+    if attn_mask.dim() == 4 and attn_mask.shape[1:3] == (1, 1):
+        attn_mask = attn_mask[:, 0, 0]
+    if attn_mask.dim() != 2 or attn_mask.shape[1] != keys or attn_mask.shape[0] not in (1, batch):
+        return None
+    return attn_mask.expand(batch, keys)
 
 
 def enable_parallel(pipe, strategy: str = "torus", *, ulysses: int | None = None,

@@ -36,6 +36,11 @@ Joint (text) tokens are replicated on every rank with all heads, like xfuser's
 so every query sees them exactly once; their queries ride in front of slot 0
 and their output is gathered over heads at the end.
 
+Key padding (``key_mask``, ``Joint.key_mask``): every rank's mask is gathered
+once per call, and each block attends only to its unmasked keys (they are
+left out of the block, so no kernel needs a mask); a block with none left
+merges as nothing.
+
 Bytes one GPU sends per attention layer, X = (S/(T*U)) * H * D * bytes
 (one rank's shard of one tensor)::
 
@@ -61,7 +66,7 @@ import torch
 import torch.distributed as dist
 from torch.profiler import record_function
 
-from .block_attention import Kernel, merge_into, pick_kernel
+from .block_attention import Kernel, attend_kept, merge_into, pick_kernel
 from .transport import Transport, TransportPair, default_transport, join_chunks
 
 
@@ -89,16 +94,19 @@ class Joint:
     q: torch.Tensor | None
     k: torch.Tensor
     v: torch.Tensor
+    key_mask: torch.Tensor | None = None  # (B, S_text) bool: which text keys may be attended
 
 
 def torus_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: SPGroups, *,
                     joint: Joint | None = None, transport: Transport | TransportPair | None = None,
-                    kernel: str = "auto", scale: float | None = None):
+                    kernel: str = "auto", scale: float | None = None,
+                    key_mask: torch.Tensor | None = None):
     """Attention of this rank's sequence shard against the whole sequence.
 
     Returns the output for the local shard, (B, H, S_local, D); with joint
     queries, ``(out, joint_out)`` where ``joint_out`` is (B, H, S_text, D) and
-    identical on every rank.
+    identical on every rank. ``key_mask`` (B, S_local) bool marks which of our
+    keys may be attended (key padding; ``Joint.key_mask`` for the text's).
     """
     transport = transport or default_transport()
     pair = transport if isinstance(transport, TransportPair) else TransportPair(transport, transport)
@@ -114,13 +122,16 @@ def torus_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: S
     qkv = _seq_to_heads(torch.stack((q, k, v)), groups.ulysses, pair.ulysses)
     u = dist.get_rank(groups.ulysses) if U > 1 else 0
     joint = _head_slice(joint, u * (H // U), H // U)
+    masks = None
+    if key_mask is not None or (joint is not None and joint.key_mask is not None):
+        masks = _KeyMasks.gather(key_mask, q, joint, groups)
 
     if T == 1:
-        out, joint_out = _local(qkv, joint, attend, scale)
+        out, joint_out = _local(qkv, joint, attend, scale, masks)
     elif exchange == "a2a":
-        out, joint_out = _torus_a2a(qkv, joint, groups.torus, pair.torus, attend, scale)
+        out, joint_out = _torus_a2a(qkv, joint, groups.torus, pair.torus, attend, scale, masks)
     else:
-        out, joint_out = _torus_kv(qkv, joint, groups.torus, pair.torus, attend, scale)
+        out, joint_out = _torus_kv(qkv, joint, groups.torus, pair.torus, attend, scale, masks)
 
     out = _heads_to_seq(out, groups.ulysses, pair.ulysses)
     if U > 1 and getattr(pair.ulysses, "borrows_buffers", False):
@@ -185,7 +196,7 @@ def _head_slice(joint: Joint | None, start: int, count: int) -> Joint | None:
     if joint is None:
         return None
     pick = lambda t: None if t is None else t[:, start:start + count]
-    return Joint(pick(joint.q), pick(joint.k), pick(joint.v))
+    return Joint(pick(joint.q), pick(joint.k), pick(joint.v), joint.key_mask)
 
 
 def _gather_heads(x: torch.Tensor, group, transport: Transport) -> torch.Tensor:
@@ -199,6 +210,41 @@ def _gather_heads(x: torch.Tensor, group, transport: Transport) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
+# --- key padding ----------------------------------------------------------------------------
+
+@dataclass
+class _KeyMasks:
+    """Which keys may be attended, gathered once per call: the joint keys' and each
+    machine's whole sequence (after the Ulysses all-to-all a rank attends with its
+    machine's sequence, and the torus brings the other machines')."""
+
+    joint: torch.Tensor | None  # (B, S_text) bool
+    machines: list[torch.Tensor]  # (B, S/T) bool per torus rank
+
+    @classmethod
+    def gather(cls, key_mask, q: torch.Tensor, joint: Joint | None, groups: SPGroups) -> "_KeyMasks":
+        everything = lambda n: torch.ones(q.shape[0], n, dtype=torch.bool, device=q.device)
+        local = key_mask if key_mask is not None else everything(q.shape[2])
+        machine = torch.cat(_gather_small(local, groups.ulysses), dim=1)
+        joint_mask = None
+        if joint is not None:
+            joint_mask = joint.key_mask if joint.key_mask is not None else everything(joint.k.shape[2])
+        return cls(joint_mask, _gather_small(machine, groups.torus))
+
+    def own(self, t: int) -> torch.Tensor:
+        """Joint keys, then machine t's: the keys of the local block."""
+        return self.machines[t] if self.joint is None else torch.cat((self.joint, self.machines[t]), 1)
+
+
+def _gather_small(mask: torch.Tensor, group) -> list[torch.Tensor]:
+    if group is None or dist.get_world_size(group) == 1:
+        return [mask]
+    parts = [torch.empty(mask.shape, dtype=torch.uint8, device=mask.device)
+             for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, mask.to(torch.uint8).contiguous(), group=group)  # gloo has no bool
+    return [p.bool() for p in parts]
+
+
 # --- attention over the machine's tokens and the torus -------------------------------------
 
 def _accumulators(q: torch.Tensor):
@@ -206,8 +252,8 @@ def _accumulators(q: torch.Tensor):
             torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device))
 
 
-def _attend_into(attend: Kernel, scale: float, q, k, v, out, lse) -> None:
-    block_out, block_lse = attend(q, k, v, scale)
+def _attend_into(attend: Kernel, scale: float, q, k, v, out, lse, keep=None) -> None:
+    block_out, block_lse = attend_kept(attend, q, k, v, scale, keep)
     merge_into(out, lse, block_out, block_lse)
 
 
@@ -215,18 +261,19 @@ def _with_joint(x: torch.Tensor, prefix: torch.Tensor | None) -> torch.Tensor:
     return x if prefix is None else torch.cat((prefix, x), dim=2)
 
 
-def _local(qkv, joint: Joint | None, attend: Kernel, scale: float):
+def _local(qkv, joint: Joint | None, attend: Kernel, scale: float, masks: _KeyMasks | None):
     q, k, v = qkv
     jq = None if joint is None else joint.q
     # one block: its output is final, no merge (and no float32 pass) needed
-    out, _ = attend(_with_joint(q, jq), _with_joint(k, joint and joint.k),
-                    _with_joint(v, joint and joint.v), scale)
+    out, _ = attend_kept(attend, _with_joint(q, jq), _with_joint(k, joint and joint.k),
+                         _with_joint(v, joint and joint.v), scale, masks and masks.own(0))
     out = out.to(q.dtype)
     nj = 0 if jq is None else jq.shape[2]
     return out[:, :, nj:], out[:, :, :nj]
 
 
-def _torus_kv(qkv, joint: Joint | None, group, transport: Transport, attend: Kernel, scale):
+def _torus_kv(qkv, joint: Joint | None, group, transport: Transport, attend: Kernel, scale,
+              masks: _KeyMasks | None):
     """Gather the other machines' K,V while attending to our own; queries stay home."""
     T, t = dist.get_world_size(group), dist.get_rank(group)
     q, k, v = qkv
@@ -236,10 +283,12 @@ def _torus_kv(qkv, joint: Joint | None, group, transport: Transport, attend: Ker
     with record_function("torus_exchange"):
         incoming = _kv_arrivals(transport, kv_own, t, T, group)
         next(incoming)  # start the exchange; the local block runs under it
-    out, lse = attend(q_all, _with_joint(k, joint and joint.k), _with_joint(v, joint and joint.v), scale)
+    out, lse = attend_kept(attend, q_all, _with_joint(k, joint and joint.k),
+                           _with_joint(v, joint and joint.v), scale, masks and masks.own(t))
     out, lse = out.float(), lse.float()  # the first block starts the float32 accumulators
-    for kv in incoming:
-        _attend_into(attend, scale, q_all, kv[0], kv[1], out, lse)
+    for step, kv in enumerate(incoming, start=1):  # step s brings torus rank t-s's K,V
+        _attend_into(attend, scale, q_all, kv[0], kv[1], out, lse,
+                     masks and masks.machines[(t - step) % T])
     out = out.to(q.dtype)
     nj = 0 if jq is None else jq.shape[2]
     return out[:, :, nj:], out[:, :, :nj]
@@ -277,7 +326,8 @@ class _SlotBuffers:
     the chunk of torus rank t-a, so "slots 0..a" is one contiguous view.
     """
 
-    def __init__(self, own: torch.Tensor, joint: Joint | None, T: int):
+    def __init__(self, own: torch.Tensor, joint: Joint | None, T: int, t: int,
+                 masks: _KeyMasks | None):
         _, B, h, c, D = own.shape
         self.c, self.T = c, T
         self.nq = 0 if joint is None or joint.q is None else joint.q.shape[2]
@@ -291,6 +341,10 @@ class _SlotBuffers:
             self.v[:, :, : self.nk] = joint.v
         self.fill(0, own)
         self.out, self.lse = _accumulators(self.q)
+        self.keep = None  # key padding, laid out like the keys
+        if masks is not None:
+            chunks = [masks.machines[(t - a) % T] for a in range(T)]
+            self.keep = torch.cat(([masks.joint] if self.nk else []) + chunks, dim=1)
 
     def fill(self, slot: int, qkv: torch.Tensor) -> None:
         for buf, n, x in ((self.q, self.nq, qkv[0]), (self.k, self.nk, qkv[1]),
@@ -306,20 +360,22 @@ class _SlotBuffers:
         return slice(start, self.nk + end_slot * self.c)
 
 
-def _torus_a2a(qkv, joint: Joint | None, group, transport: Transport, attend: Kernel, scale):
+def _torus_a2a(qkv, joint: Joint | None, group, transport: Transport, attend: Kernel, scale,
+               masks: _KeyMasks | None):
     """All-to-all across machines in T-1 shifted steps, overlapped with attention."""
     T, t = dist.get_world_size(group), dist.get_rank(group)
     n, B, h, c, D = qkv.shape
     by_dest = qkv.reshape(n, B, T, h // T, c, D)  # head sub-group p belongs to torus rank p
     outgoing = lambda dst: by_dest[:, :, dst].contiguous()
-    slots = _SlotBuffers(outgoing(t), _head_slice(joint, t * (h // T), h // T), T)
+    slots = _SlotBuffers(outgoing(t), _head_slice(joint, t * (h // T), h // T), T, t, masks)
     last = T - 1
 
     def block(q_rows: slice, k_rows: slice) -> None:
         if q_rows.stop == q_rows.start:  # no joint queries
             return
         _attend_into(attend, scale, slots.q[:, :, q_rows], slots.k[:, :, k_rows],
-                     slots.v[:, :, k_rows], slots.out[:, :, q_rows], slots.lse[:, :, q_rows])
+                     slots.v[:, :, k_rows], slots.out[:, :, q_rows], slots.lse[:, :, q_rows],
+                     None if slots.keep is None else slots.keep[:, k_rows])
 
     pending = _post(transport, outgoing((t + 1) % T), (t + 1) % T, (t - 1) % T, group)
     returns = {}

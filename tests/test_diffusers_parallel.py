@@ -82,20 +82,27 @@ def _tiny_wan(seed):
                                  eps=1e-6, rope_max_seq_len=32).eval()
 
 
+def _every_strategy_matches(build, kwargs, strategies, name):
+    """Each strategy's sharded model gives the unparallelised model's output; returns the
+    last sharded model."""
+    from swiftfusion_xdit.diffusers_integration import parallelize_transformer
+    with torch.no_grad():
+        reference = build()(**kwargs)[0]
+        for strategy in strategies:
+            model = build()
+            layout = parallelize_transformer(model, strategy)
+            err = rel_err(model(**kwargs)[0], reference)
+            assert err < 1e-4, f"{name} {strategy}: rel err {err:.2e} ({layout.describe()})"
+    return model
+
+
 def _check_wan(rank, world, strategies, seed):
     """Wan: self-attention is sharded (3 frames x 4 x 4 = 48 video tokens), cross-attention
     to the text stays local; every strategy must give the unparallelised output."""
-    from swiftfusion_xdit.diffusers_integration import parallelize_transformer
     g = torch.Generator().manual_seed(seed)
-    inputs = (torch.randn(1, 4, 3, 8, 8, generator=g), torch.tensor([500]),
-              torch.randn(1, 8, 32, generator=g))
-    with torch.no_grad():
-        reference = _tiny_wan(seed)(*inputs, return_dict=False)[0]
-        for strategy in strategies:
-            model = _tiny_wan(seed)
-            layout = parallelize_transformer(model, strategy)
-            err = rel_err(model(*inputs, return_dict=False)[0], reference)
-            assert err < 1e-4, f"wan {strategy}: rel err {err:.2e} ({layout.describe()})"
+    kwargs = dict(hidden_states=torch.randn(1, 4, 3, 8, 8, generator=g), timestep=torch.tensor([500]),
+                  encoder_hidden_states=torch.randn(1, 8, 32, generator=g), return_dict=False)
+    _every_strategy_matches(lambda: _tiny_wan(seed), kwargs, strategies, "wan")
 
 
 def test_wan_matches_single_process_on_two_emulated_machines():
@@ -128,23 +135,22 @@ def _tiny_qwen_image(seed):
 def _check_qwen_image(rank, world, strategies, seed):
     """Qwen-Image: diffusers' plan shards text (8 tokens) and image (64) tokens, and each
     rank's joint attention sees [its text, its image]; every strategy must give the
-    unparallelised output. A text padding mask becomes an attention mask: refused."""
-    from swiftfusion_xdit.diffusers_integration import parallelize_transformer
+    unparallelised output, also with a text padding mask (a batch of two prompts of
+    different lengths), which reaches attention as a key-padding mask."""
     g = torch.Generator().manual_seed(seed)
     kwargs = dict(hidden_states=torch.randn(1, 64, 16, generator=g),
                   encoder_hidden_states=torch.randn(1, 8, 32, generator=g),
                   timestep=torch.tensor([0.5]), img_shapes=[(1, 8, 8)], return_dict=False)
+    model = _every_strategy_matches(lambda: _tiny_qwen_image(seed), kwargs, strategies, "qwen-image")
     with torch.no_grad():
-        reference = _tiny_qwen_image(seed)(**kwargs)[0]
-        for strategy in strategies:
-            model = _tiny_qwen_image(seed)
-            layout = parallelize_transformer(model, strategy)
-            err = rel_err(model(**kwargs)[0], reference)
-            assert err < 1e-4, f"qwen-image {strategy}: rel err {err:.2e} ({layout.describe()})"
-        padded = torch.ones(1, 8, dtype=torch.bool)
-        padded[:, 6:] = False
-        with pytest.raises(NotImplementedError, match="unmasked, non-causal attention"):
-            model(**kwargs, encoder_hidden_states_mask=padded)
+        two = dict(kwargs, hidden_states=torch.randn(2, 64, 16, generator=g),
+                   encoder_hidden_states=torch.randn(2, 8, 32, generator=g), timestep=torch.tensor([0.5, 0.5]),
+                   img_shapes=[(1, 8, 8)] * 2)
+        padded = torch.ones(2, 8, dtype=torch.bool)
+        padded[0, 3:] = False  # the first prompt is 3 tokens long: ranks 2 and 3 hold only padding
+        reference = _tiny_qwen_image(seed)(**two, encoder_hidden_states_mask=padded)[0]
+        err = rel_err(model(**two, encoder_hidden_states_mask=padded)[0], reference)
+        assert err < 1e-4, f"qwen-image padded prompts: rel err {err:.2e}"
 
 
 def test_qwen_image_matches_single_process_on_two_emulated_machines():
@@ -162,7 +168,6 @@ def _tiny_flux2(seed):
 def _check_flux2(rank, world, strategies, seed):
     """FLUX.2: text (8 tokens) and image (64) sharded by diffusers' plan, with their 4-axis
     position ids; every strategy must give the unparallelised output."""
-    from swiftfusion_xdit.diffusers_integration import parallelize_transformer
     g = torch.Generator().manual_seed(seed)
     img_ids = torch.zeros(1, 64, 4)
     img_ids[0, :, 2], img_ids[0, :, 3] = torch.arange(64) // 8, torch.arange(64) % 8
@@ -171,14 +176,18 @@ def _check_flux2(rank, world, strategies, seed):
     kwargs = dict(hidden_states=torch.randn(1, 64, 16, generator=g),
                   encoder_hidden_states=torch.randn(1, 8, 32, generator=g), timestep=torch.tensor([0.5]),
                   img_ids=img_ids, txt_ids=txt_ids, guidance=torch.tensor([3.5]), return_dict=False)
-    with torch.no_grad():
-        reference = _tiny_flux2(seed)(**kwargs)[0]
-        for strategy in strategies:
-            model = _tiny_flux2(seed)
-            layout = parallelize_transformer(model, strategy)
-            err = rel_err(model(**kwargs)[0], reference)
-            assert err < 1e-4, f"flux2 {strategy}: rel err {err:.2e} ({layout.describe()})"
+    _every_strategy_matches(lambda: _tiny_flux2(seed), kwargs, strategies, "flux2")
 
 
 def test_flux2_matches_single_process_on_two_emulated_machines():
     run_ranks(_check_flux2, 2, 2, ("torus", "ulysses", "ring", "usp"), 17)
+
+
+def test_only_boolean_key_padding_masks_reach_torus_attention():
+    from swiftfusion_xdit.diffusers_integration import _key_padding
+    keep = torch.tensor([[True, False, True], [True, True, False]])
+    assert torch.equal(_key_padding(keep[:, None, None, :], 2, 3), keep)
+    assert _key_padding(keep[:1], 2, 3).shape == (2, 3)  # one mask for the whole batch
+    assert _key_padding(torch.zeros(2, 1, 1, 3), 2, 3) is None  # additive float masks: refused
+    assert _key_padding(torch.ones(2, 1, 4, 3, dtype=torch.bool), 2, 3) is None  # per query
+    assert _key_padding(torch.ones(2, 1, 1, 5, dtype=torch.bool), 2, 3) is None  # other keys
