@@ -20,11 +20,13 @@ Adapters covered: every xfuser attention path that calls ``USP(...)`` --
 Flux, Flux2, SD3/PixArt/Latte (``xFuserJointAttnProcessor2_0``,
 ``xFuserAttnProcessor2_0``), HunyuanDiT, HunyuanVideo (1.0, 1.5), CogVideoX,
 ConsisID, Qwen-Image, Z-Image, Lumina2, Krea2, Cosmos3, LTX2, Ideogram4,
-Lingbot-video, Wan (its ``USP`` calls). Not covered, refused when reached:
-calls carrying a KV cache (PipeFusion), FP8 communication, grouped-query K/V
-(``kv_head_repeat > 1``), masks or padding passed in ``attention_kwargs``,
-dropout or causal attention; Step-Video's customised attention and the Sana
-linear attention, which do not go through ``USP``.
+Lingbot-video, Wan (its ``USP`` calls), and Lumina2 (grouped-query K/V,
+expanded before the exchange, and its boolean key-padding mask). Not covered,
+refused when reached: calls carrying a KV cache (PipeFusion), FP8
+communication, other ``attention_kwargs`` (LTX2 and Krea2's varlen packing,
+``valid_kv_len``), grouped-query K/V with joint tokens, dropout or causal
+attention; Step-Video's customised attention and the Sana linear attention,
+which do not go through ``USP``.
 """
 
 from __future__ import annotations
@@ -230,8 +232,11 @@ def torus_usp(query, key, value, dropout_p=0.0, is_causal=False, joint_query=Non
     joint = None
     if joint_strategy:
         joint = Joint(joint_query, joint_key, joint_value)
+    if kv_head_repeat > 1:  # grouped-query K/V: expanded before the exchange (xfuser: after)
+        key, value = (x.repeat_interleave(kv_head_repeat, dim=1) for x in (key, value))
     result = torus_attention(query, key, value, _STATE["groups"], joint=joint,
-                             transport=_STATE["transport"])
+                             transport=_STATE["transport"],
+                             key_mask=_local_key_mask(attention_kwargs, query))
     if joint is None:
         return result
     out, joint_out = result
@@ -239,15 +244,35 @@ def torus_usp(query, key, value, dropout_p=0.0, is_causal=False, joint_query=Non
     return torch.cat(parts, dim=2)
 
 
+def _local_key_mask(attention_kwargs, query: torch.Tensor) -> torch.Tensor | None:
+    """Our shard's part of a key-padding mask that xfuser passes over the whole sequence
+    (``attn_mask`` (B, 1, 1, S), boolean, as Lumina2's adapter does)."""
+    if not attention_kwargs:
+        return None
+    groups, S = _STATE["groups"], query.shape[2]
+    t = dist.get_rank(groups.torus) if groups.torus_size > 1 else 0
+    u = dist.get_rank(groups.ulysses) if groups.ulysses_size > 1 else 0
+    start = (t * groups.ulysses_size + u) * S  # xfuser's sequence-parallel rank, shard order
+    return attention_kwargs["attn_mask"][:, 0, 0, start:start + S].expand(query.shape[0], S)
+
+
+def _is_key_padding(attention_kwargs, joint_strategy) -> bool:
+    mask = (attention_kwargs or {}).get("attn_mask")
+    return (set(attention_kwargs) == {"attn_mask"} and joint_strategy is None
+            and isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() == 4
+            and mask.shape[1:3] == (1, 1))
+
+
 def _refuse_unsupported(dropout_p, is_causal, attn_layer, attention_kwargs, kv_head_repeat,
                         joint_strategy) -> None:
     problems = []
     if dropout_p or is_causal:
         problems.append("dropout or causal attention")
-    if kv_head_repeat > 1:
-        problems.append(f"grouped-query K/V (kv_head_repeat={kv_head_repeat})")
-    if attention_kwargs:
-        problems.append(f"attention_kwargs {sorted(attention_kwargs)} (masks/padding)")
+    if kv_head_repeat > 1 and joint_strategy:
+        problems.append(f"grouped-query K/V (kv_head_repeat={kv_head_repeat}) with joint tokens")
+    if attention_kwargs and not _is_key_padding(attention_kwargs, joint_strategy):
+        problems.append(f"attention_kwargs {sorted(attention_kwargs)} (masks other than a boolean "
+                        "key-padding attn_mask of shape (B, 1, 1, S), varlen packing)")
     if joint_strategy not in (None, "front", "rear"):
         problems.append(f"joint_strategy {joint_strategy!r}")
     if attn_layer is not None:

@@ -115,8 +115,18 @@ def _config_flow(rank, world, seed):
         assert rel_err(out, expect) < 1e-5, strategy
     out = flux.USP(*(x[:, :, sl] for x in full))
     assert rel_err(out, reference(*full)[0][:, :, sl]) < 1e-5
-    with pytest.raises(NotImplementedError, match="grouped-query K/V .*--sp-strategy usp"):
-        flux.USP(*(x[:, :, sl] for x in full), kv_head_repeat=2)
+    # Lumina2's calls: grouped-query K/V (12 K/V heads for 24 queries) and a boolean
+    # key-padding mask over the whole sequence
+    q, k, v = (x[:, :, sl] for x in full)
+    keep = torch.rand(1, tokens, generator=g) > 0.3
+    keep[0, 0] = True
+    out = flux.USP(q, k[:, ::2], v[:, ::2], kv_head_repeat=2,
+                   attention_kwargs={"attn_mask": keep.view(1, 1, 1, -1)})
+    kx, vx = (x[:, ::2].repeat_interleave(2, dim=1) for x in full[1:])
+    scores = (full[0].double() @ kx.double().transpose(-1, -2) / 8).masked_fill(~keep[:, None, None], float("-inf"))
+    assert rel_err(out, (torch.softmax(scores, -1) @ vx.double())[:, :, sl]) < 1e-5
+    with pytest.raises(NotImplementedError, match=r"attention_kwargs \['indices_k'\] .*--sp-strategy usp"):
+        flux.USP(q, k, v, attention_kwargs={"indices_k": torch.arange(3)})
 
 
 def test_config_flow_and_usp_routing_on_two_emulated_machines():
