@@ -23,9 +23,9 @@ ConsisID, Qwen-Image, Z-Image, Lumina2, Krea2, Cosmos3, LTX2, Ideogram4,
 Lingbot-video, Wan (its ``USP`` calls), and Lumina2 (grouped-query K/V,
 expanded before the exchange, and its boolean key-padding mask). Not covered,
 refused when reached: calls carrying a KV cache (PipeFusion), FP8
-communication, other ``attention_kwargs`` (LTX2 and Krea2's varlen packing,
-``valid_kv_len``), grouped-query K/V with joint tokens, dropout or causal
-attention; Step-Video's customised attention and the Sana linear attention,
+communication, other ``attention_kwargs`` (LTX2 and Krea2's varlen packing),
+grouped-query K/V with joint tokens, dropout or causal attention. Padded text
+split with the sequence (``valid_kv_len``) is taken as key padding; Step-Video's customised attention and the Sana linear attention,
 which do not go through ``USP``.
 """
 
@@ -245,22 +245,29 @@ def torus_usp(query, key, value, dropout_p=0.0, is_causal=False, joint_query=Non
 
 
 def _local_key_mask(attention_kwargs, query: torch.Tensor) -> torch.Tensor | None:
-    """Our shard's part of a key-padding mask that xfuser passes over the whole sequence
-    (``attn_mask`` (B, 1, 1, S), boolean, as Lumina2's adapter does)."""
+    """Our shard's part of the key padding xfuser describes over the whole sequence: a
+    boolean ``attn_mask`` (B, 1, 1, S) (Lumina2) or ``valid_kv_len``, the valid prefix
+    (the joint processors' padded text)."""
     if not attention_kwargs:
         return None
     groups, S = _STATE["groups"], query.shape[2]
     t = dist.get_rank(groups.torus) if groups.torus_size > 1 else 0
     u = dist.get_rank(groups.ulysses) if groups.ulysses_size > 1 else 0
     start = (t * groups.ulysses_size + u) * S  # xfuser's sequence-parallel rank, shard order
+    if "valid_kv_len" in attention_kwargs:
+        positions = torch.arange(start, start + S, device=query.device)
+        return (positions < attention_kwargs["valid_kv_len"]).expand(query.shape[0], S)
     return attention_kwargs["attn_mask"][:, 0, 0, start:start + S].expand(query.shape[0], S)
 
 
 def _is_key_padding(attention_kwargs, joint_strategy) -> bool:
-    mask = (attention_kwargs or {}).get("attn_mask")
-    return (set(attention_kwargs) == {"attn_mask"} and joint_strategy is None
-            and isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() == 4
-            and mask.shape[1:3] == (1, 1))
+    if joint_strategy is not None:
+        return False
+    if set(attention_kwargs) == {"valid_kv_len"}:
+        return isinstance(attention_kwargs["valid_kv_len"], int)
+    mask = attention_kwargs.get("attn_mask")
+    return (set(attention_kwargs) == {"attn_mask"} and isinstance(mask, torch.Tensor)
+            and mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1:3] == (1, 1))
 
 
 def _refuse_unsupported(dropout_p, is_causal, attn_layer, attention_kwargs, kv_head_repeat,
@@ -271,8 +278,8 @@ def _refuse_unsupported(dropout_p, is_causal, attn_layer, attention_kwargs, kv_h
     if kv_head_repeat > 1 and joint_strategy:
         problems.append(f"grouped-query K/V (kv_head_repeat={kv_head_repeat}) with joint tokens")
     if attention_kwargs and not _is_key_padding(attention_kwargs, joint_strategy):
-        problems.append(f"attention_kwargs {sorted(attention_kwargs)} (masks other than a boolean "
-                        "key-padding attn_mask of shape (B, 1, 1, S), varlen packing)")
+        problems.append(f"attention_kwargs {sorted(attention_kwargs)} (masks other than key padding: "
+                        "a boolean attn_mask of shape (B, 1, 1, S) or valid_kv_len; varlen packing)")
     if joint_strategy not in (None, "front", "rear"):
         problems.append(f"joint_strategy {joint_strategy!r}")
     if attn_layer is not None:

@@ -125,6 +125,11 @@ def _config_flow(rank, world, seed):
     kx, vx = (x[:, ::2].repeat_interleave(2, dim=1) for x in full[1:])
     scores = (full[0].double() @ kx.double().transpose(-1, -2) / 8).masked_fill(~keep[:, None, None], float("-inf"))
     assert rel_err(out, (torch.softmax(scores, -1) @ vx.double())[:, :, sl]) < 1e-5
+    # padded text split with the sequence: the valid prefix of the whole sequence
+    out = flux.USP(q, k, v, attention_kwargs={"valid_kv_len": tokens - 5})
+    scores = full[0].double() @ full[1].double().transpose(-1, -2) / 8
+    scores[..., tokens - 5:] = float("-inf")
+    assert rel_err(out, (torch.softmax(scores, -1) @ full[2].double())[:, :, sl]) < 1e-5
     with pytest.raises(NotImplementedError, match=r"attention_kwargs \['indices_k'\] .*--sp-strategy usp"):
         flux.USP(q, k, v, attention_kwargs={"indices_k": torch.arange(3)})
 
