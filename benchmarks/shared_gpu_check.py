@@ -78,18 +78,24 @@ def check_exchange(nv, group, seed):
     return ok
 
 
-def check_torus_attention(nv, group, image_tokens, seed):
-    """One machine: Ulysses over NVSHMEM, against attention over the whole sequence."""
+def check_torus_attention(nv, group, image_tokens, seed, padded=False):
+    """One machine: Ulysses over NVSHMEM, against attention over the whole sequence;
+    ``padded``: with a key-padding mask (text keys and the last rank's image keys)."""
     P, me = dist.get_world_size(group), dist.get_rank(group)
     g = torch.Generator(device="cuda").manual_seed(seed)  # same inputs on every rank
     rand = lambda n: torch.randn(1, HEADS, n, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
     q, k, v = rand(image_tokens), rand(image_tokens), rand(image_tokens)
-    joint = Joint(rand(TEXT), rand(TEXT), rand(TEXT))
+    keep = torch.ones(1, TEXT + image_tokens, dtype=torch.bool, device="cuda")
+    if padded:
+        keep[:, TEXT // 2:TEXT] = False
+        keep[:, TEXT + (P - 1) * image_tokens // P:] = False
+    joint = Joint(rand(TEXT), rand(TEXT), rand(TEXT), keep[:, :TEXT] if padded else None)
     sl = slice(me * image_tokens // P, (me + 1) * image_tokens // P)
     out, joint_out = torus_attention(q[:, :, sl], k[:, :, sl], v[:, :, sl], SPGroups(group, None),
-                                     joint=joint, transport=nv)
+                                     joint=joint, transport=nv,
+                                     key_mask=keep[:, TEXT:][:, sl] if padded else None)
     full = [torch.cat((j, x), 2).float() for j, x in zip((joint.q, joint.k, joint.v), (q, k, v))]
-    ref = F.scaled_dot_product_attention(*full)
+    ref = F.scaled_dot_product_attention(*full, attn_mask=keep[:, None, None, :])
     err = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()
     return err(out, ref[:, :, TEXT:][:, :, sl]), err(joint_out, ref[:, :, :TEXT])
 
@@ -232,10 +238,11 @@ def main():
         result["checks"].append({"what": "torus step (one peer), 3 uses",
                                  "bit_exact": bool(all_ranks(check_exchange(nv, group, 9)))})
     if args.machines == 1:
-        for tokens in (4096, 16384):
-            err, jerr = check_torus_attention(nv, group, tokens, 11 + tokens)
+        for tokens, padded in ((4096, False), (16384, False), (4096, True)):
+            err, jerr = check_torus_attention(nv, group, tokens, 11 + tokens, padded)
             err, jerr = all_ranks(err, dist.ReduceOp.MAX), all_ranks(jerr, dist.ReduceOp.MAX)
-            result["checks"].append({"what": "torus attention (ulysses over nvshmem) vs one process",
+            result["checks"].append({"what": "torus attention (ulysses over nvshmem) vs one process"
+                                     + (", key padding" if padded else ""),
                                      "image_tokens": tokens, "text_tokens": TEXT, "dtype": "torch.bfloat16",
                                      "max_rel_err": err, "max_joint_rel_err": jerr, "pass": err < 2e-2 and jerr < 2e-2})
     if args.machines == 1:
