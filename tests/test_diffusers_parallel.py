@@ -191,3 +191,43 @@ def test_only_boolean_key_padding_masks_reach_torus_attention():
     assert _key_padding(torch.zeros(2, 1, 1, 3), 2, 3) is None  # additive float masks: refused
     assert _key_padding(torch.ones(2, 1, 4, 3, dtype=torch.bool), 2, 3) is None  # per query
     assert _key_padding(torch.ones(2, 1, 1, 5, dtype=torch.bool), 2, 3) is None  # other keys
+
+
+def _tiny_wan_pipeline(seed):
+    """WanPipeline from configs: the tiny Wan transformer (16 latent channels), a tiny Wan
+    VAE, a 2-layer UMT5 over the word-level tokenizer; random weights, nothing downloaded."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+    from swiftfusion_xdit.tiny import _WORDS, _word_tokenizer
+    torch.manual_seed(seed)
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16,
+                                        in_channels=16, out_channels=16, text_dim=32, freq_dim=32, ffn_dim=64,
+                                        num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                        eps=1e-6, rope_max_seq_len=32)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(_WORDS) + 3, d_model=32, d_kv=8, d_ff=64,
+                                               num_layers=2, num_heads=4, pad_token_id=0, eos_token_id=2))
+    pipe = WanPipeline(tokenizer=_word_tokenizer(64), text_encoder=text_encoder, vae=vae,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _check_wan_pipeline(rank, world, strategies, seed):
+    """The whole WanPipeline (text-to-video, classifier-free guidance: two transformer calls
+    per step) with pipe.enable_parallel: 5 frames of 64x64 = 32 video tokens per call."""
+    import swiftfusion_xdit  # noqa: F401  (adds pipe.enable_parallel)
+    run = lambda pipe: pipe(PROMPT, height=64, width=64, num_frames=5, num_inference_steps=2,
+                            max_sequence_length=16, generator=torch.Generator().manual_seed(seed),
+                            output_type="latent").frames
+    reference = run(_tiny_wan_pipeline(seed))
+    for strategy in strategies:
+        pipe = _tiny_wan_pipeline(seed)
+        pipe.enable_parallel(strategy=strategy, output_on_all_ranks=True)
+        err = rel_err(run(pipe), reference)
+        assert err < 1e-4, f"wan pipeline {strategy}: rel err {err:.2e}"
+
+
+def test_wan_pipeline_matches_single_process_on_two_emulated_machines():
+    run_ranks(_check_wan_pipeline, 2, 2, ("torus", "usp"), 23)
