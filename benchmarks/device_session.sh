@@ -8,6 +8,7 @@
 # Steps (N = GPUs on the machine):
 #   kernels    one-sided all-to-all vs NCCL on N ranks, CUDA graphs and compile over NVSHMEM
 #   alltoall   NVSHMEM vs NCCL all-to-all microbenchmark
+#   shared     (one-GPU machines) the NVSHMEM checks with 4 processes sharing the GPU (MPS)
 #   harness-1  probes + xDiT + diffusers path, 1xN and 2x(N/2)            (new OUT_FOLDER)
 #   harness-2  the same for Nx1 and the paced 50 GB/s twins               (--append)
 #   compiled   compiled runs (xDiT --use_torch_compile, torch.compile)    (--append)
@@ -28,11 +29,19 @@ case $step in
     timeout 200 torchrun --nproc-per-node "$n" benchmarks/kernel_device_check.py --nvshmem --out "$out"
     timeout 200 torchrun --nproc-per-node "$n" benchmarks/shared_gpu_check.py --machines 1 --diffusers --out "$out" ;;
   alltoall)  timeout 500 torchrun --nproc-per-node "$n" benchmarks/alltoall_bench.py --out "$out" ;;
+  shared)    # one GPU: four processes share it under CUDA MPS (correctness only, nothing timed)
+    export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps CUDA_MPS_LOG_DIRECTORY=/tmp/mpslog
+    mkdir -p /tmp/mps /tmp/mpslog && nvidia-cuda-mps-control -d
+    CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=25 timeout 250 torchrun --nproc-per-node 4 \
+      benchmarks/shared_gpu_check.py --machines 1 --diffusers --out "$out"
+    CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=25 timeout 150 torchrun --nproc-per-node 4 \
+      benchmarks/shared_gpu_check.py --machines 2 --out "$out"
+    echo quit | nvidia-cuda-mps-control ;;
   harness-1) harness --topologies "1x$n,2x$half" --sizes 1024 --timeout 240 ;;
   harness-2) harness --topologies "${n}x1,2x${half}p50,${n}x1p50" --sizes 1024 --timeout 240 --append ;;
   compiled)  harness --topologies "1x$n,2x$half" --sizes 1024 --suites xdit --compile --timeout 300 --append ;;
   video)     harness --topologies "1x$n,2x$half" --suites video --timeout 280 --append ;;
   *) echo "unknown step $step"; exit 2 ;;
 esac
-case $step in kernels|alltoall) exit 0 ;; esac
+case $step in kernels|alltoall|shared) exit 0 ;; esac
 python3 benchmarks/report.py "$out" > /dev/null
