@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -142,10 +143,13 @@ def shutdown_nvshmem() -> None:
 
 
 def parse_size(text: str) -> int:
-    """NVSHMEM's size syntax: a number with an optional k/m/g/t suffix (powers of 1024)."""
-    text = text.strip().lower()
-    scale = 1024 ** ("kmgt".index(text[-1]) + 1) if text and text[-1] in "kmgt" else 1
-    return int(float(text.rstrip("kmgt")) * scale)
+    """NVSHMEM's size syntax: a number, then an optional k/m/g/t (powers of 1024);
+    anything after the multiplier is ignored ("1GB" is 1 GiB), as NVSHMEM does."""
+    match = re.match(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)", text.lower())
+    if match is None:
+        raise ValueError(f"not an NVSHMEM size: {text!r} (e.g. 512M, 4G)")
+    number, unit = match.groups()
+    return int(float(number) * 1024 ** ("_kmgt".index(unit or "_")))
 
 
 def check_fits(nbytes: int, in_use: int, reserved: int, free: int) -> None:

@@ -84,6 +84,9 @@ def test_nvshmem_runs_one_job_per_machine():
 def test_symmetric_memory_is_checked_against_the_gpu_before_the_heap_grows():
     from swiftfusion_xdit.nvshmem_transport import check_fits, parse_size
     assert parse_size("1G") == 2**30 and parse_size("512m") == 2**29 and parse_size("1.5k") == 1536
+    assert parse_size("1GB") == 2**30 and parse_size(".5m") == 2**19 and parse_size("4096") == 4096
+    with pytest.raises(ValueError, match="not an NVSHMEM size: 'lots'"):
+        parse_size("lots")
     MiB = 2**20
     check_fits(600 * MiB, 300 * MiB, 1024 * MiB, free=0)  # inside the first reservation
     check_fits(600 * MiB, 800 * MiB, 1024 * MiB, free=400 * MiB)  # grows by 376 MiB: fits
