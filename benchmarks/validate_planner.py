@@ -10,15 +10,17 @@ link probe. Writes ``planner_validation.json`` and ``.md`` beside them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
 
-from swiftfusion_xdit.planner import Hardware, ModelShape, Plan, predict, rank_plans
+from swiftfusion_xdit.planner import H200, Hardware, ModelShape, Plan, predict, rank_plans
 from swiftfusion_xdit.tiny import FLUX_DEV_TRANSFORMER
 
 # harness names -> the plan they run (topology "MxG": M machines of G GPUs)
-DIFFUSERS = {"torus-nccl": "torus", "diffusers-ulysses": "ulysses", "diffusers-ring": "ring"}
+DIFFUSERS = {"torus-nccl": "torus", "torus-nvshmem": "torus", "diffusers-ulysses": "ulysses",
+             "diffusers-ring": "ring"}
 
 
 def plan_for(kind: str, name: str, gpus: int, nodes: int, shape: ModelShape) -> Plan | None:
@@ -39,24 +41,48 @@ def plan_for(kind: str, name: str, gpus: int, nodes: int, shape: ModelShape) -> 
 
 
 def load(folder):
+    """The folder's FLUX.1-dev diffusers checks (eager) merged per topology, its link
+    probes per topology, and the harness rows."""
     read = lambda n: json.load(open(os.path.join(folder, n)))
-    flux = {t: read(f"flux_check_{t}_nccl.json") for t in ("1x2", "2x1")}
-    probe = read("probe_2x1.json")
-    harness = read("harness.json")
-    return flux, probe, harness
+    flux = {}
+    for name in sorted(os.listdir(folder)):
+        if not (name.startswith("flux_check_") and name.endswith(".json")):
+            continue
+        result = read(name)
+        if result.get("compiled") or result.get("model") == "wan2.1-14b":
+            continue  # the model is fitted to eager runs of FLUX.1-dev
+        topo = result.get("topology") or f"{result['nodes']}x{result['world'] // result['nodes']}"
+        flux.setdefault(topo, {**result, "runs": []})["runs"] += result["runs"]
+    probes = {name[len("probe_"):-len(".json")]: read(name) for name in sorted(os.listdir(folder))
+              if name.startswith("probe_") and name.endswith(".json")}
+    return flux, probes, read("harness.json")
+
+
+def hardware_per_topology(flux, probes, shape) -> dict[str, Hardware]:
+    """GEMM and attention throughput from the one-GPU times, the intra-machine all-to-all
+    from a one-machine run, and each multi-machine topology's own link probe."""
+    single = [r for t, r in flux.items() if t.startswith("1x")]
+    one_gpu = {}  # each job measures its own one-GPU reference: a one-machine job's first
+    for result in single + [r for t, r in flux.items() if not t.startswith("1x")]:
+        for run in result["runs"]:
+            one_gpu.setdefault(run["size"], run["one_gpu_ms"])
+    intra = single[0]["world_all_to_all_busbw_GBps_64MiB"] if single else H200.intra_GBps
+    base = Hardware.from_measurements({shape(s): t for s, t in one_gpu.items()}, intra_GBps=intra,
+                                      inter_GBps=H200.inter_GBps)
+    hw = {}
+    for topo in set(flux) | set(probes):
+        probe = probes.get(topo)
+        hw[topo] = base if probe is None else dataclasses.replace(
+            base, inter_GBps=probe["inter_machine_GBps_per_gpu_per_direction"],
+            inter_collective_GBps=probe["inter_machine_all_gather_GBps_per_gpu_in"])
+    return hw
 
 
 def main(folder: str):
-    flux, probe, harness = load(folder)
-    one_gpu = {}
-    for run in flux["1x2"]["runs"]:
-        one_gpu[run["size"]] = run["one_gpu_ms"]
+    flux, probes, harness = load(folder)
     shape = lambda size, joint=False: ModelShape.flux(FLUX_DEV_TRANSFORMER, size, size,
                                                        text_in_exchange=not joint)
-    hw = Hardware.from_measurements({shape(s): t for s, t in one_gpu.items()},
-                                    intra_GBps=flux["1x2"]["world_all_to_all_busbw_GBps_64MiB"],
-                                    inter_GBps=probe["inter_machine_GBps_per_gpu_per_direction"],
-                                    inter_collective_GBps=probe["inter_machine_all_gather_GBps_per_gpu_in"])
+    hws = hardware_per_topology(flux, probes, shape)
     rows = []
     for topo, result in flux.items():
         nodes, per = map(int, topo.split("x"))
@@ -65,7 +91,7 @@ def main(folder: str):
             if kind is None:
                 continue
             s = shape(run["size"])
-            pred = predict(plan_for(kind, run["strategy"], nodes * per, nodes, s), s, hw, per)
+            pred = predict(plan_for(kind, run["strategy"], nodes * per, nodes, s), s, hws[topo], per)
             rows.append(_row("diffusers", run["strategy"], topo, run["size"], pred, run["parallel_ms"]))
     for row in harness["rows"]:
         if row["kind"] != "xdit" or "result" not in row or row["result"]["world"] == 1:
@@ -75,12 +101,12 @@ def main(folder: str):
         nodes, per = map(int, topo.split("x"))
         s = shape(r["height"], joint=True)
         kind = "torus" if name.startswith("xdit-torus") else ""
-        pred = predict(plan_for(kind, name, nodes * per, nodes, s), s, hw, per)
+        pred = predict(plan_for(kind, name, nodes * per, nodes, s), s, hws[topo], per)
         rows.append(_row("xdit", name, topo, r["height"], pred, r["median_step_ms"]))
     choices = []
     for (path, topo, size) in sorted({(r["path"], r["topology"], r["size"]) for r in rows}):
         nodes, per = map(int, topo.split("x"))
-        best = rank_plans(shape(size, joint=path == "xdit"), hw, nodes, per)[0].plan.describe()
+        best = rank_plans(shape(size, joint=path == "xdit"), hws[topo], nodes, per)[0].plan.describe()
         measured = {r["plan"]: r["measured_ms"] for r in rows
                     if (r["path"], r["topology"], r["size"]) == (path, topo, size) and r["exact"]}
         if best in measured:
@@ -89,7 +115,8 @@ def main(folder: str):
                             "best_measured": min(measured, key=measured.get),
                             "best_measured_ms": min(measured.values()),
                             "within_5pct": measured[best] <= 1.05 * min(measured.values())})
-    out = {"device": f"{harness['device']} x {harness['gpus']}", "hardware": hw.__dict__, "rows": rows, "choices": choices,
+    out = {"device": f"{harness['device']} x {harness['gpus']}",
+           "hardware": {t: h.__dict__ for t, h in sorted(hws.items())}, "rows": rows, "choices": choices,
            "within_20pct": sum(r["within_20pct"] for r in rows), "configs": len(rows)}
     with open(os.path.join(folder, "planner_validation.json"), "w") as f:
         json.dump(out, f, indent=2)
@@ -107,12 +134,15 @@ def _row(path, name, topo, size, pred, measured):
 
 
 def _markdown(out) -> str:
-    hw = out["hardware"]
-    lines = [f"# Planner vs measured, {out['device']}", "",
-             f"Hardware fitted from this session: GEMM {hw['gemm_tflops']:.0f} TFLOP/s, attention "
-             f"{hw['attention_tflops']:.0f} TFLOP/s, intra {hw['intra_GBps']:.0f} GB/s, inter "
-             f"{hw['inter_GBps']:.1f} GB/s (send/recv), {hw['inter_collective_GBps']:.1f} GB/s "
-             f"(all-gather), {hw['latency_us']:.0f} us per collective.", "",
+    lines = [f"# Planner vs measured, {out['device']}", "", "Hardware fitted from this session, "
+             "per topology (inter-machine links from that topology's probe):", ""]
+    for topo, hw in out["hardware"].items():
+        inter = (f", inter {hw['inter_GBps']:.1f} GB/s (send/recv), "
+                 f"{hw['inter_collective_GBps']:.1f} GB/s (all-gather)" if not topo.startswith("1x") else "")
+        lines.append(f"- {topo}: GEMM {hw['gemm_tflops']:.0f} TFLOP/s, attention "
+                     f"{hw['attention_tflops']:.0f} TFLOP/s, intra {hw['intra_GBps']:.0f} GB/s{inter}, "
+                     f"{hw['latency_us']:.0f} us per collective")
+    lines += ["",
              f"Within 20%: {out['within_20pct']} of {out['configs']} configurations.", "",
              "| path | run | topology | size | plan | predicted ms | measured ms | error |",
              "|---|---|---|---|---|---|---|---|"]

@@ -129,3 +129,25 @@ def test_report_shows_per_layer_times_when_runs_carry_them(tmp_path):
     assert "## GPU time per transformer layer (ms)" in table
     run = check["runs"][0]
     assert (f"| diffusers | 2x1 | {run['size']}² | {run['strategy']} | 0.500 | 2.000 | 1.250 | 0.750 |") in table
+
+
+def test_planner_validation_finds_every_topology_and_uses_its_own_probe(tmp_path):
+    """A 4-GPU session's folder (1x4, 2x2): checks and probes are found by name, each
+    multi-machine topology is planned with the link its own probe measured."""
+    import validate_planner
+    src, folder = os.path.join(BENCH, "results", "h200x2"), tmp_path / "run"
+    folder.mkdir()
+    for old, new in (("1x2", "1x4"), ("2x1", "2x2")):
+        check = json.load(open(os.path.join(src, f"flux_check_{old}_nccl.json")))
+        check.update(topology=new, world=4)
+        (folder / f"flux_check_{new}_nccl.json").write_text(json.dumps(check))
+    probe = json.load(open(os.path.join(src, "probe_2x1.json")))
+    probe.update(inter_machine_GBps_per_gpu_per_direction=7.0, inter_machine_all_gather_GBps_per_gpu_in=9.0)
+    (folder / "probe_2x2.json").write_text(json.dumps(probe))
+    (folder / "harness.json").write_text(json.dumps({"device": "H", "gpus": 4, "rows": []}))
+    validate_planner.main(str(folder))
+    out = json.load(open(folder / "planner_validation.json"))
+    assert out["hardware"]["2x2"]["inter_GBps"] == 7.0 and out["hardware"]["2x2"]["inter_collective_GBps"] == 9.0
+    assert {r["topology"] for r in out["rows"]} == {"1x4", "2x2"}
+    torus = next(r for r in out["rows"] if (r["run"], r["topology"], r["size"]) == ("torus-nccl", "2x2", 1024))
+    assert torus["plan"] == "torus ulysses=2 torus=2 (kv)"
