@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 import paced_link
-from kernel_breakdown import profile_step
+from kernel_breakdown import profile_step, slowest_rank
 from swiftfusion_xdit.topology import emulate_machines
 
 TEXT = 512
@@ -118,13 +118,6 @@ def profile_forward(model, model_name, size) -> dict:
     kw = inputs(model_name, size, 7)
     with torch.no_grad():
         return profile_step(lambda: model(**kw), layers)
-
-
-def slowest_rank(per_layer: dict) -> dict:
-    """Every rank's breakdown, gathered; the rank with the most exposed communication is kept."""
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, per_layer)
-    return max(everyone, key=lambda b: b["exposed_communication_ms_per_layer"])
 
 
 def maybe_compile(model, compile_: bool):

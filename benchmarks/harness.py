@@ -107,6 +107,7 @@ def build_plan(args, g: int) -> tuple[list[str], list[tuple]]:
     labels = (args.topologies or f"1x{g},2x{g // 2}").split(",")
     if args.paced_gbps:
         labels += [f"{t}p{args.paced_gbps:g}" for t in labels if parse_topology(t)[0] > 1 and "p" not in t]
+    labels = list(dict.fromkeys(labels))  # a topology named twice runs once
     if args.compile:  # the paced link wraps Python calls that dynamo traces past
         skipped = [t for t in labels if parse_topology(t)[2]]
         labels = [t for t in labels if not parse_topology(t)[2]]
@@ -170,6 +171,9 @@ def main():
     ap.add_argument("--append", action="store_true",
                     help="add to the folder's harness.json (device calls are capped at 10 minutes: "
                          "run a few topologies per call; the one-GPU reference is reused)")
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="seconds: skip jobs that could not end by then (the longest job so far "
+                         "as the estimate), still writing harness.json; --append runs them later")
     ap.add_argument("--dry-run", action="store_true", help="list the jobs (to split a session's calls) and exit")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -185,10 +189,16 @@ def main():
     refs: dict[int, torch.Tensor] = {}
     if earlier:
         plan = [job for job in plan if not _reusable_reference(job, earlier, refs)]
-    progress, rows = Progress(len(plan)), []
+    progress, rows, longest = Progress(len(plan)), [], 0.0
     for kind, name, nproc, script, job_args, result_path, env in plan:
+        if args.deadline and time.time() - progress.start + (longest or args.timeout) > args.deadline:
+            rows.append({"kind": kind, "name": name, "rc": None, "skipped": "deadline"})
+            progress.show(name, "skipped: would end past --deadline (run it with --append)")
+            continue
         log_path = (result_path.rstrip("/") if kind != "xdit" else result_path) + ".log"
+        began = time.time()
         rc = torchrun(nproc, script, job_args, log_path, args.timeout, env)
+        longest = max(longest, time.time() - began)
         row = {"kind": kind, "name": name, "rc": rc, "log": os.path.basename(log_path),
                "host": socket.gethostname()}
         result_file = os.path.join(result_path, "result.json") if kind == "xdit" else result_path
@@ -205,9 +215,11 @@ def main():
         rows.append(row)
         note = "FAILED (see log)" if rc else _summary(row)
         progress.show(name, note)
-    if earlier:
-        names = {row["name"] for row in rows}
-        rows = [row for row in earlier["rows"] if row["name"] not in names] + rows
+    if earlier:  # a row run now replaces the earlier one; a skipped one never does
+        ran = {row["name"] for row in rows if not row.get("skipped")}
+        kept = [row for row in earlier["rows"] if row["name"] not in ran]
+        rows = kept + [row for row in rows if not (row.get("skipped") and row["name"] in
+                                                    {r["name"] for r in kept})]
         labels = earlier["topologies"] + [t for t in labels if t not in earlier["topologies"]]
     with open(summary_path, "w") as f:
         json.dump({"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

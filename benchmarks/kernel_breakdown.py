@@ -70,6 +70,14 @@ def breakdown(kernels, layers: int) -> dict:
             "compute_ms_per_layer": per_layer(busy["compute"])}
 
 
+def slowest_rank(per_layer: dict) -> dict:
+    """Every rank's breakdown, gathered; the rank with the most exposed communication is kept."""
+    import torch.distributed as dist
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, per_layer)
+    return max(everyone, key=lambda b: b["exposed_communication_ms_per_layer"])
+
+
 def profile_step(step, layers: int) -> dict:
     """Run ``step()`` once under the profiler and break its GPU kernels down."""
     import torch

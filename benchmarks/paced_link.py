@@ -1,7 +1,7 @@
 """A second machine emulation: a set inter-machine bandwidth ("paced link").
 
-``NCCL_HOSTID`` emulation gets whatever NCCL's socket transport reaches (2 to
-4 GB/s per GPU on these hosts: a slow network). To see a fast one -- e.g.
+``NCCL_HOSTID`` emulation gets whatever NCCL's socket transport reaches (a
+few GB/s per GPU: a slow network; each run's ``link_probe.py`` records it). To see a fast one -- e.g.
 50 GB/s per GPU, like 400 Gb/s per GPU -- ranks keep NVLink between the
 emulated machines and every torch.distributed call whose peers include
 another machine is *paced*: the bytes this GPU exchanges with other machines
@@ -19,9 +19,11 @@ Covers everything that talks through torch.distributed, c10d calls and
 functional collectives alike: xDiT USP (functional all-to-all and torch's
 ring attention), PipeFusion (isend/irecv), diffusers' context parallelism,
 torus over NCCL. A functional collective's link time is settled where its
-result is waited for, so ring attention keeps its overlap. Not paced, so not
-run in this mode: NVSHMEM (no torch.distributed call), and compiled models
-(dynamo traces collectives into its own ops, past these wrappers).
+result is waited for, so ring attention keeps its overlap. Not paced:
+NVSHMEM (no torch.distributed call) -- which is why it only ever serves the
+all-to-all inside a machine, the torus between machines staying on paced
+NCCL -- and compiled models (dynamo traces collectives into its own ops,
+past these wrappers), which are not run in this mode.
 """
 
 from __future__ import annotations

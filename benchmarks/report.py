@@ -18,7 +18,7 @@ import sys
 
 from swiftfusion_xdit.planner import WAN21_14B, ModelShape, bytes_per_layer
 from swiftfusion_xdit.tiny import FLUX_DEV_TRANSFORMER
-from validate_planner import plan_for
+from validate_planner import load_probes, plan_for
 
 
 def xdit_rows(harness):
@@ -88,12 +88,6 @@ def comm_floor_ms(row, inter_GBps):
     return cross * shape.layers / (inter_GBps * 1e6)
 
 
-def load_probes(folder) -> dict[str, dict]:
-    """Topology label -> that topology's link probe from the same session."""
-    return {name[len("probe_"):-len(".json")]: json.load(open(os.path.join(folder, name)))
-            for name in sorted(os.listdir(folder)) if name.startswith("probe_") and name.endswith(".json")}
-
-
 def inter_GBps(probe: dict) -> float:
     # a floor must not overstate: divide by the best figure the probe saw
     return max(probe["inter_machine_GBps_per_gpu_per_direction"],
@@ -109,8 +103,8 @@ def link_lines(probes: dict[str, dict]) -> list[str]:
         lines.append(f"- {label}: {p['inter_machine_GBps_per_gpu_per_direction']:.1f} send/recv, "
                      f"{p['inter_machine_all_gather_GBps_per_gpu_in']:.1f} all-gather; {how}")
     return lines + ["", "Comm floor = inter-machine bytes per step / the topology's best figure "
-                    "above; the NCCL-socket link varies between runs (2.1 to 3.6 GB/s in this "
-                    "project's probes), so a run can beat it.", ""]
+                    "above; the NCCL-socket link varies between runs (the probe is one sample of "
+                    "it), so a run can beat it.", ""]
 
 
 def per_layer_lines(rows) -> list[str]:
@@ -142,9 +136,10 @@ def main(folder):
         x_rows, x_one = x_rows + c_rows, {**x_one, **c_one}
     d_rows, d_one = diffusers_rows(folder)
     lines = [f"# Harness run on {harness['device']} x {harness['gpus']}", "",
-             "FLUX.1-dev transformer config, random bf16 weights.", ""] + link_lines(probes)
+             "Real transformer configs (FLUX.1-dev; Wan 2.1 14B in the video rows), random bf16 "
+             "weights.", ""] + link_lines(probes)
     for title, rows, one in (("xDiT runner: median denoising step (ms), after warm-up", x_rows, x_one),
-                             ("diffusers: one transformer forward (ms), median of 5", d_rows, d_one)):
+                             ("diffusers: one transformer forward (ms), median of the job's repeats", d_rows, d_one)):
         lines += [f"## {title}", "",
                   "| topology | size | strategy | ms | vs 1 GPU | perfect scaling ms | comm floor ms | rel err vs 1 GPU |",
                   "|---|---|---|---|---|---|---|---|"]

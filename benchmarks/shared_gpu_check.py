@@ -33,6 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from swiftfusion_xdit.nvshmem_transport import _STATE, NvshmemTransport
+from swiftfusion_xdit.topology import emulate_machines
 from swiftfusion_xdit.torus_attention import Joint, SPGroups, torus_attention
 from timing import save_and_shut_down
 
@@ -215,9 +216,9 @@ def main():
             f.write(markdown([json.load(open(p)) for p in args.report]))
         return
     faulthandler.enable()  # a crash says where
-    faulthandler.dump_traceback_later(200, exit=True)  # and so does a hang
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    os.environ["SWIFTFUSION_NODE"] = f"node{rank // (world // args.machines)}"
+    faulthandler.dump_traceback_later(130, exit=True)  # and so does a hang (before any step timeout)
+    world = int(os.environ["WORLD_SIZE"])
+    emulate_machines(args.machines)  # SWIFTFUSION_NODE per rank (NCCL's variables: unused on gloo)
     dist.init_process_group("gloo")
     # ranks share GPUs when there are fewer GPUs than ranks; code that picks the device
     # from LOCAL_RANK (enable_parallel) must see the shared one

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
 
 import torch
@@ -31,6 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from kernel_breakdown import overlap, union
+from timing import median_ms, save_and_shut_down
 from swiftfusion_xdit.mesh import build_mesh, plan_layout
 from swiftfusion_xdit.topology import detect_topology, emulate_machines
 from swiftfusion_xdit.torus_attention import Joint, SPGroups, torus_attention
@@ -70,19 +70,8 @@ def check(groups, sp_rank, sp, transport, image_tokens, dtype, seed):
     return rel_err(out, ref[:, :, sl]), rel_err(joint_out, joint_ref)
 
 
-def time_ms(fn, iters=20, warmup=5):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        dist.barrier()
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+def time_ms(fn):
+    return median_ms(fn, repeats=20, warmup=5, before=dist.barrier)
 
 
 def hidden_fraction(trace_path: str) -> dict:
@@ -155,14 +144,7 @@ def main():
     gathered = [None] * world
     dist.all_gather_object(gathered, overlap)
     result["overlap_per_rank"] = gathered
-    if rank == 0:
-        name = f"torus_check_{args.nodes}x{world // args.nodes}_{transport.name}"
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, name + ".json"), "w") as f:
-            json.dump(result, f, indent=2)
-        print(json.dumps(result, indent=2))
-    dist.barrier()
-    dist.destroy_process_group()
+    save_and_shut_down(result, args.out, f"torus_check_{args.nodes}x{world // args.nodes}_{transport.name}.json")
 
 
 if __name__ == "__main__":

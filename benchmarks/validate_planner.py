@@ -15,6 +15,7 @@ import json
 import os
 import sys
 
+from harness import parse_topology
 from swiftfusion_xdit.planner import H200, Hardware, ModelShape, Plan, predict, rank_plans
 from swiftfusion_xdit.tiny import FLUX_DEV_TRANSFORMER
 
@@ -49,13 +50,22 @@ def load(folder):
         if not (name.startswith("flux_check_") and name.endswith(".json")):
             continue
         result = read(name)
-        if result.get("compiled") or result.get("model") == "wan2.1-14b":
-            continue  # the model is fitted to eager runs of FLUX.1-dev
+        if result.get("compiled"):
+            continue  # the model is fitted to eager runs
         topo = result.get("topology") or f"{result['nodes']}x{result['world'] // result['nodes']}"
         flux.setdefault(topo, {**result, "runs": []})["runs"] += result["runs"]
-    probes = {name[len("probe_"):-len(".json")]: read(name) for name in sorted(os.listdir(folder))
-              if name.startswith("probe_") and name.endswith(".json")}
-    return flux, probes, read("harness.json")
+    return flux, load_probes(folder), read("harness.json")
+
+
+def load_probes(folder) -> dict[str, dict]:
+    """Topology label -> that topology's link probe from the same session."""
+    return {name[len("probe_"):-len(".json")]: json.load(open(os.path.join(folder, name)))
+            for name in sorted(os.listdir(folder)) if name.startswith("probe_") and name.endswith(".json")}
+
+
+def grid(topo: str) -> tuple[int, int]:
+    """Machines and GPUs per machine of a topology label (``2x2``, paced ``2x2p50``)."""
+    return parse_topology(topo)[:2]
 
 
 def hardware_per_topology(flux, probes, shape) -> dict[str, Hardware]:
@@ -69,7 +79,7 @@ def hardware_per_topology(flux, probes, shape) -> dict[str, Hardware]:
     intra = single[0]["world_all_to_all_busbw_GBps_64MiB"] if single else H200.intra_GBps
     base = Hardware.from_measurements({shape(s): t for s, t in one_gpu.items()}, intra_GBps=intra,
                                       inter_GBps=H200.inter_GBps)
-    hw = {}
+    hw = {"base": base}  # topologies with neither a check nor a probe (xDiT-only runs)
     for topo in set(flux) | set(probes):
         probe = probes.get(topo)
         hw[topo] = base if probe is None else dataclasses.replace(
@@ -85,28 +95,28 @@ def main(folder: str):
     hws = hardware_per_topology(flux, probes, shape)
     rows = []
     for topo, result in flux.items():
-        nodes, per = map(int, topo.split("x"))
+        nodes, per = grid(topo)
         for run in result["runs"]:
             kind = DIFFUSERS.get(run["strategy"])
             if kind is None:
                 continue
             s = shape(run["size"])
-            pred = predict(plan_for(kind, run["strategy"], nodes * per, nodes, s), s, hws[topo], per)
+            pred = predict(plan_for(kind, run["strategy"], nodes * per, nodes, s), s, hws.get(topo, hws["base"]), per)
             rows.append(_row("diffusers", run["strategy"], topo, run["size"], pred, run["parallel_ms"]))
     for row in harness["rows"]:
         if row["kind"] != "xdit" or "result" not in row or row["result"]["world"] == 1:
             continue
         r = row["result"]
         name, topo = row["name"].split()[:2]
-        nodes, per = map(int, topo.split("x"))
+        nodes, per = grid(topo)
         s = shape(r["height"], joint=True)
         kind = "torus" if name.startswith("xdit-torus") else ""
-        pred = predict(plan_for(kind, name, nodes * per, nodes, s), s, hws[topo], per)
+        pred = predict(plan_for(kind, name, nodes * per, nodes, s), s, hws.get(topo, hws["base"]), per)
         rows.append(_row("xdit", name, topo, r["height"], pred, r["median_step_ms"]))
     choices = []
     for (path, topo, size) in sorted({(r["path"], r["topology"], r["size"]) for r in rows}):
-        nodes, per = map(int, topo.split("x"))
-        best = rank_plans(shape(size, joint=path == "xdit"), hws[topo], nodes, per)[0].plan.describe()
+        nodes, per = grid(topo)
+        best = rank_plans(shape(size, joint=path == "xdit"), hws.get(topo, hws["base"]), nodes, per)[0].plan.describe()
         measured = {r["plan"]: r["measured_ms"] for r in rows
                     if (r["path"], r["topology"], r["size"]) == (path, topo, size) and r["exact"]}
         if best in measured:
@@ -116,7 +126,7 @@ def main(folder: str):
                             "best_measured_ms": min(measured.values()),
                             "within_5pct": measured[best] <= 1.05 * min(measured.values())})
     out = {"device": f"{harness['device']} x {harness['gpus']}",
-           "hardware": {t: h.__dict__ for t, h in sorted(hws.items())}, "rows": rows, "choices": choices,
+           "hardware": {t: h.__dict__ for t, h in sorted(hws.items()) if t != "base"}, "rows": rows, "choices": choices,
            "within_20pct": sum(r["within_20pct"] for r in rows), "configs": len(rows)}
     with open(os.path.join(folder, "planner_validation.json"), "w") as f:
         json.dump(out, f, indent=2)

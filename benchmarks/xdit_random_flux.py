@@ -91,17 +91,15 @@ def register_random_flux():
     return RandomFlux
 
 
-def profiled_run(runner, input_args) -> dict:
-    """One more call under the profiler: GPU time per transformer layer (every step's 57
-    layers; the text encoders' kernels count as other compute), the rank with the most
-    exposed communication."""
-    import torch.distributed as dist
-    from kernel_breakdown import profile_step
-    layers = 57 * input_args["num_inference_steps"]  # FLUX.1-dev: 19 double + 38 single blocks
-    mine = profile_step(lambda: runner.run(input_args), layers)
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    return max(everyone, key=lambda b: b["exposed_communication_ms_per_layer"])
+def profiled_run(runner, input_args, pipeline_stages: int) -> dict:
+    """One more call under the profiler: GPU time per transformer layer (the layers this
+    rank runs -- all of them, or its PipeFusion stage's -- in every step; the text
+    encoders' kernels count as other compute), the rank with the most exposed communication."""
+    from kernel_breakdown import profile_step, slowest_rank
+    from swiftfusion_xdit.tiny import FLUX_DEV_TRANSFORMER
+    blocks = FLUX_DEV_TRANSFORMER["num_layers"] + FLUX_DEV_TRANSFORMER["num_single_layers"]
+    layers = blocks / pipeline_stages * input_args["num_inference_steps"]
+    return slowest_rank(profile_step(lambda: runner.run(input_args), layers))
 
 
 def main():
@@ -122,7 +120,7 @@ def main():
     runner.run(input_args)  # warm-up call
     runner.run(input_args)
     steps_ms = model_cls.step_ms
-    per_layer = profiled_run(runner, input_args)
+    per_layer = profiled_run(runner, input_args, args["pipefusion_parallel_degree"])
     if dist.get_rank() == dist.get_world_size() - 1:  # xfuser's output rank (last stage)
         steps = steps_ms[1:]  # the first step carries one-off costs
         out_dir = args["output_directory"]

@@ -198,7 +198,10 @@ class _Layout:
         for slot in (0, 1):
             recv_view = region(buffers.data[slot])
             chunk = send.shape[1:]
-            assert recv_view.shape == send.shape and send.stride(-1) == 1 and recv_view.stride(-1) == 1
+            if send.stride(-1) != 1:
+                raise ValueError("the peer-copy kernels read rows: the tensor's last dimension must be "
+                                 f"contiguous (stride 1), got strides {tuple(send.stride())}")
+            assert recv_view.shape == send.shape and recv_view.stride(-1) == 1  # our own slot layout
             layout = collapse(chunk, send.stride()[1:], recv_view.stride()[1:])
             if layout is None:
                 raise ValueError(f"cannot copy a {tuple(chunk)} chunk in 4 strided dims")

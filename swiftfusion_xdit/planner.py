@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 import torch
 
 from .tiny import WAN21_14B_TRANSFORMER
-
 from .torus_attention import choose_exchange
 
 

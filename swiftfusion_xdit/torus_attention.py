@@ -224,16 +224,25 @@ class _KeyMasks:
     @classmethod
     def gather(cls, key_mask, q: torch.Tensor, joint: Joint | None, groups: SPGroups) -> "_KeyMasks":
         everything = lambda n: torch.ones(q.shape[0], n, dtype=torch.bool, device=q.device)
-        local = key_mask if key_mask is not None else everything(q.shape[2])
+        local = _checked(key_mask, q.shape[0], q.shape[2], "key_mask") if key_mask is not None \
+            else everything(q.shape[2])
         machine = torch.cat(_gather_small(local, groups.ulysses), dim=1)
         joint_mask = None
         if joint is not None:
-            joint_mask = joint.key_mask if joint.key_mask is not None else everything(joint.k.shape[2])
+            joint_mask = everything(joint.k.shape[2]) if joint.key_mask is None else \
+                _checked(joint.key_mask, q.shape[0], joint.k.shape[2], "Joint.key_mask")
         return cls(joint_mask, _gather_small(machine, groups.torus))
 
     def own(self, t: int) -> torch.Tensor:
         """Joint keys, then machine t's: the keys of the local block."""
         return self.machines[t] if self.joint is None else torch.cat((self.joint, self.machines[t]), 1)
+
+
+def _checked(mask: torch.Tensor, batch: int, keys: int, what: str) -> torch.Tensor:
+    if mask.dtype != torch.bool or tuple(mask.shape) != (batch, keys):
+        raise ValueError(f"{what} must be a bool tensor of shape (batch, keys) = ({batch}, {keys}), "
+                         f"True where a key may be attended; got {mask.dtype} {tuple(mask.shape)}")
+    return mask
 
 
 def _gather_small(mask: torch.Tensor, group) -> list[torch.Tensor]:

@@ -20,13 +20,14 @@ Adapters covered: every xfuser attention path that calls ``USP(...)`` --
 Flux, Flux2, SD3/PixArt/Latte (``xFuserJointAttnProcessor2_0``,
 ``xFuserAttnProcessor2_0``), HunyuanDiT, HunyuanVideo (1.0, 1.5), CogVideoX,
 ConsisID, Qwen-Image, Z-Image, Lumina2, Krea2, Cosmos3, LTX2, Ideogram4,
-Lingbot-video, Wan (its ``USP`` calls), and Lumina2 (grouped-query K/V,
-expanded before the exchange, and its boolean key-padding mask). Not covered,
-refused when reached: calls carrying a KV cache (PipeFusion), FP8
-communication, other ``attention_kwargs`` (LTX2 and Krea2's varlen packing),
-grouped-query K/V with joint tokens, dropout or causal attention. Padded text
-split with the sequence (``valid_kv_len``) is taken as key padding; Step-Video's customised attention and the Sana linear attention,
-which do not go through ``USP``.
+Lingbot-video, Wan (its ``USP`` calls). Key padding is served: a boolean
+``attn_mask`` (B, 1, 1, S) over the whole sequence (Lumina2) and
+``valid_kv_len`` (padded text split with the sequence); so is grouped-query
+K/V (Lumina2; expanded before the exchange). Refused when reached: calls
+carrying a KV cache (PipeFusion), FP8 communication, other
+``attention_kwargs`` (the varlen packing of LTX2 and Krea2), grouped-query
+K/V with joint tokens, dropout or causal attention. Step-Video's customised
+attention and the Sana linear attention do not go through ``USP``.
 """
 
 from __future__ import annotations
@@ -250,14 +251,21 @@ def _local_key_mask(attention_kwargs, query: torch.Tensor) -> torch.Tensor | Non
     (the joint processors' padded text)."""
     if not attention_kwargs:
         return None
-    groups, S = _STATE["groups"], query.shape[2]
+    groups, (B, S) = _STATE["groups"], (query.shape[0], query.shape[2])
+    total = S * groups.ulysses_size * groups.torus_size
     t = dist.get_rank(groups.torus) if groups.torus_size > 1 else 0
     u = dist.get_rank(groups.ulysses) if groups.ulysses_size > 1 else 0
     start = (t * groups.ulysses_size + u) * S  # xfuser's sequence-parallel rank, shard order
     if "valid_kv_len" in attention_kwargs:
-        positions = torch.arange(start, start + S, device=query.device)
-        return (positions < attention_kwargs["valid_kv_len"]).expand(query.shape[0], S)
-    return attention_kwargs["attn_mask"][:, 0, 0, start:start + S].expand(query.shape[0], S)
+        valid = attention_kwargs["valid_kv_len"]
+        if not 0 < valid <= total:
+            raise ValueError(f"valid_kv_len must be in [1, {total}] (the whole sequence), got {valid}")
+        return (torch.arange(start, start + S, device=query.device) < valid).expand(B, S)
+    mask = attention_kwargs["attn_mask"]
+    if mask.shape[0] not in (1, B) or mask.shape[-1] != total:
+        raise ValueError(f"attn_mask must cover the whole sequence, shape ({B} or 1, 1, 1, {total}); "
+                         f"got {tuple(mask.shape)}")
+    return mask[:, 0, 0, start:start + S].expand(B, S)
 
 
 def _is_key_padding(attention_kwargs, joint_strategy) -> bool:

@@ -137,17 +137,28 @@ def test_planner_validation_finds_every_topology_and_uses_its_own_probe(tmp_path
     import validate_planner
     src, folder = os.path.join(BENCH, "results", "h200x2"), tmp_path / "run"
     folder.mkdir()
-    for old, new in (("1x2", "1x4"), ("2x1", "2x2")):
+    for old, new in (("1x2", "1x4"), ("2x1", "2x2"), ("2x1", "2x2p50")):
         check = json.load(open(os.path.join(src, f"flux_check_{old}_nccl.json")))
         check.update(topology=new, world=4)
         (folder / f"flux_check_{new}_nccl.json").write_text(json.dumps(check))
     probe = json.load(open(os.path.join(src, "probe_2x1.json")))
     probe.update(inter_machine_GBps_per_gpu_per_direction=7.0, inter_machine_all_gather_GBps_per_gpu_in=9.0)
     (folder / "probe_2x2.json").write_text(json.dumps(probe))
+    (folder / "probe_2x2p50.json").write_text(json.dumps(dict(probe, inter_machine_GBps_per_gpu_per_direction=50.0)))
     (folder / "harness.json").write_text(json.dumps({"device": "H", "gpus": 4, "rows": []}))
     validate_planner.main(str(folder))
     out = json.load(open(folder / "planner_validation.json"))
     assert out["hardware"]["2x2"]["inter_GBps"] == 7.0 and out["hardware"]["2x2"]["inter_collective_GBps"] == 9.0
-    assert {r["topology"] for r in out["rows"]} == {"1x4", "2x2"}
+    assert {r["topology"] for r in out["rows"]} == {"1x4", "2x2", "2x2p50"}  # paced labels parse
+    assert out["hardware"]["2x2p50"]["inter_GBps"] == 50.0
     torus = next(r for r in out["rows"] if (r["run"], r["topology"], r["size"]) == ("torus-nccl", "2x2", 1024))
     assert torus["plan"] == "torus ulysses=2 torus=2 (kv)"
+
+
+def test_a_topology_named_twice_runs_once():
+    import argparse
+    args = argparse.Namespace(topologies="2x1,2x1p50,2x1p50", paced_gbps=50.0, compile=False,
+                              suites="probe", sizes="1024", diffusers_sizes="1024",
+                              video_sizes="81x480x832", steps=4, out="out")
+    labels, plan = harness.build_plan(args, 2)
+    assert labels == ["2x1", "2x1p50"] and len(plan) == 2  # one probe each

@@ -22,12 +22,17 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 HEADS, HEAD_DIM = 24, 128  # Flux's attention shape, on a reduced sequence
 
 
-def reference(q, k, v, joint=None):
-    """Plain attention over [joint; sequence] in float64 (order does not matter)."""
+def reference(q, k, v, joint=None, keep=None):
+    """Plain attention over [joint; sequence] in float64 (order does not matter);
+    ``keep`` (B, S_text + S): key padding, True where a key may be attended."""
     if joint is not None:
         k, v = torch.cat((joint.k, k), 2), torch.cat((joint.v, v), 2)
         q = torch.cat((joint.q, q), 2) if joint.q is not None else q
-    out, _ = KERNELS["math"][0](q.double(), k.double(), v.double(), q.shape[-1] ** -0.5)
+    if keep is None:
+        out, _ = KERNELS["math"][0](q.double(), k.double(), v.double(), q.shape[-1] ** -0.5)
+    else:
+        scores = q.double() @ k.double().transpose(-1, -2) * q.shape[-1] ** -0.5
+        out = torch.softmax(scores.masked_fill(~keep[:, None, None, :], float("-inf")), -1) @ v.double()
     if joint is None or joint.q is None:
         return out, None
     n = joint.q.shape[2]
@@ -219,20 +224,10 @@ def test_a_transport_pair_serves_each_group_with_its_own_transport():
     run_ranks(_pair_routes_each_group, 2, 2, random.randrange(2**31))
 
 
-def reference_masked(q, k, v, joint, keep):
-    """Float64 attention over [joint; sequence] with key padding ``keep`` (B, S_text + S)."""
-    k, v = torch.cat((joint.k, k), 2), torch.cat((joint.v, v), 2)
-    q = torch.cat((joint.q, q), 2)
-    scores = q.double() @ k.double().transpose(-1, -2) * q.shape[-1] ** -0.5
-    scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
-    out = torch.softmax(scores, dim=-1) @ v.double()
-    n = joint.q.shape[2]
-    return out[:, :, n:], out[:, :, :n]
-
-
-def _check_masked(rank, world, nodes, per_node, exchange, seed):
+def _check_masked(rank, world, nodes, per_node, exchange, seed, with_joint=True):
     """Key padding: batch items with different masks, text keys masked too, and one
-    rank's whole shard masked for the first item (a block with no key at all)."""
+    rank's whole shard masked for the first item (a block with no key at all; without
+    text keys, a row of the accumulators has none either until later blocks)."""
     layout = plan_layout(detect_topology(), HEADS, ulysses=per_node, torus=nodes, torus_exchange=exchange)
     mesh = build_mesh(layout)
     groups = SPGroups(mesh.ulysses_group, mesh.torus_group, layout.torus_exchange)
@@ -243,12 +238,15 @@ def _check_masked(rank, world, nodes, per_node, exchange, seed):
     keep = torch.rand(2, text + tokens, generator=g) > 0.3
     keep[0, text + 8 * (world - 1):] = False  # the last rank's shard, whole
     keep[:, text] = True  # every query keeps some key
-    joint = Joint(*joint_qkv, key_mask=keep[:, :text])
-    lo = mesh.sp_rank * 8
-    out, joint_out = torus_attention(*(x[:, :, lo:lo + 8] for x in full), groups, joint=joint,
-                                     key_mask=keep[:, text + lo:text + lo + 8])
-    ref, joint_ref = reference_masked(*full, joint, keep)
-    assert rel_err(out, ref[:, :, lo:lo + 8]) < 1e-5 and rel_err(joint_out, joint_ref) < 1e-5
+    joint = Joint(*joint_qkv, key_mask=keep[:, :text]) if with_joint else None
+    keep = keep if with_joint else keep[:, text:]
+    lo, nj = mesh.sp_rank * 8, text if with_joint else 0
+    result = torus_attention(*(x[:, :, lo:lo + 8] for x in full), groups, joint=joint,
+                             key_mask=keep[:, nj + lo:nj + lo + 8])
+    out, joint_out = result if with_joint else (result, None)
+    ref, joint_ref = reference(*full, joint, keep)
+    assert rel_err(out, ref[:, :, lo:lo + 8]) < 1e-5
+    assert joint_ref is None or rel_err(joint_out, joint_ref) < 1e-5
 
 
 MASKED = [(1, 2, "auto"), (2, 2, "kv"), (2, 2, "a2a"), (4, 1, "a2a"), (3, 1, "kv")]
@@ -257,3 +255,17 @@ MASKED = [(1, 2, "auto"), (2, 2, "kv"), (2, 2, "a2a"), (4, 1, "a2a"), (3, 1, "kv
 @pytest.mark.parametrize("nodes,per_node,exchange", MASKED, ids=[f"{m}x{g}-{e}" for m, g, e in MASKED])
 def test_key_padding_matches_masked_attention(nodes, per_node, exchange):
     run_ranks(_check_masked, nodes, per_node, nodes, per_node, exchange, random.randrange(2**31))
+
+
+@pytest.mark.parametrize("nodes,per_node", [(2, 2), (4, 1)])
+def test_key_padding_without_text_keys(nodes, per_node):
+    run_ranks(_check_masked, nodes, per_node, nodes, per_node, "a2a", random.randrange(2**31), False)
+
+
+def test_a_malformed_key_mask_is_named():
+    q = torch.randn(1, 4, 8, 16)
+    with pytest.raises(ValueError, match=r"key_mask must be a bool tensor of shape \(batch, keys\) = \(1, 8\)"):
+        torus_attention(q, q, q, SPGroups(None, None), key_mask=torch.ones(1, 8))  # additive float
+    joint = Joint(q[:, :, :3], q[:, :, :3], q[:, :, :3], key_mask=torch.ones(1, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"Joint.key_mask .* \(1, 3\)"):
+        torus_attention(q, q, q, SPGroups(None, None), joint=joint)

@@ -17,8 +17,8 @@ def test_nvshmem_on_cpu_says_it_needs_a_gpu():
         tr.resolve_transport("nvshmem")
 
 
-def test_nvshmem_never_serves_a_group_across_machines_emulated_or_not(monkeypatch):
-    monkeypatch.setenv("NCCL_HOSTID", "node1")
+def test_nvshmem_never_serves_a_group_across_machines_emulated_or_not():
+    # the machine count comes from the topology, whichever way machines are emulated
     assert "spans 2 machines" in tr.unavailable_reason("nvshmem", machines=2)
     assert "needs an NVIDIA GPU" in tr.unavailable_reason("nvshmem", machines=1)  # inside one: fine
 
@@ -112,8 +112,14 @@ def _compiled_nvshmem_all_to_all_is_one_graph_op(rank, world):
             self.calls += 1
             return tr.TwoSidedTransport("gloo").all_to_all(x, group, scatter_dim, gather_dim)
 
-    t = GlooCounted()
-    f = torch.compile(lambda x: t.all_to_all(x * 2, dist.group.WORLD, 2, 3) + 1, fullgraph=True)
+    t, traced = GlooCounted(), []
+
+    def backend(graph_module, example_inputs):  # records the graph, runs it as traced
+        traced.extend(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
+        return graph_module.forward
+
+    f = torch.compile(lambda x: t.all_to_all(x * 2, dist.group.WORLD, 2, 3) + 1, fullgraph=True,
+                      backend=backend)
     x = torch.randn(3, 1, 2 * world, 5, 4)
     got = f(x)
     parts = [torch.empty_like(x) for _ in range(world)]
@@ -121,7 +127,24 @@ def _compiled_nvshmem_all_to_all_is_one_graph_op(rank, world):
     heads = slice(2 * rank, 2 * rank + 2)
     assert torch.equal(got, torch.cat([p[:, :, heads] for p in parts], dim=3) * 2 + 1)
     assert t.calls == 1
+    assert any("swiftfusion.nvshmem_all_to_all" in target for target in traced), traced
 
 
 def test_compiled_nvshmem_all_to_all_is_one_graph_op():
     run_ranks(_compiled_nvshmem_all_to_all_is_one_graph_op, 1, 2)
+
+
+def test_transport_pairs_on_a_gpu_job(monkeypatch):
+    """With NCCL and NVSHMEM available: auto keeps NVSHMEM inside one machine only; nvshmem
+    across machines serves the Ulysses group, NCCL the torus."""
+    class FakeNvshmem:
+        name = "nvshmem"
+
+    monkeypatch.setattr(tr.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(tr.dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setitem(tr._REGISTRY, "nvshmem", (tr._nvshmem_available, lambda name: FakeNvshmem()))
+    monkeypatch.setattr("swiftfusion_xdit.nvshmem_transport.unavailable_reason", lambda: None)
+    names = lambda pair: (pair.ulysses.name, pair.torus.name)
+    assert names(tr.resolve_transports("auto", machines=1)) == ("nvshmem", "nvshmem")
+    assert names(tr.resolve_transports("auto", machines=2)) == ("nccl", "nccl")
+    assert names(tr.resolve_transports("nvshmem", machines=2)) == ("nvshmem", "nccl")

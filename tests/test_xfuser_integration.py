@@ -123,15 +123,20 @@ def _config_flow(rank, world, seed):
     out = flux.USP(q, k[:, ::2], v[:, ::2], kv_head_repeat=2,
                    attention_kwargs={"attn_mask": keep.view(1, 1, 1, -1)})
     kx, vx = (x[:, ::2].repeat_interleave(2, dim=1) for x in full[1:])
-    scores = (full[0].double() @ kx.double().transpose(-1, -2) / 8).masked_fill(~keep[:, None, None], float("-inf"))
-    assert rel_err(out, (torch.softmax(scores, -1) @ vx.double())[:, :, sl]) < 1e-5
+    assert rel_err(out, reference(full[0], kx, vx, keep=keep)[0][:, :, sl]) < 1e-5
     # padded text split with the sequence: the valid prefix of the whole sequence
     out = flux.USP(q, k, v, attention_kwargs={"valid_kv_len": tokens - 5})
-    scores = full[0].double() @ full[1].double().transpose(-1, -2) / 8
-    scores[..., tokens - 5:] = float("-inf")
-    assert rel_err(out, (torch.softmax(scores, -1) @ full[2].double())[:, :, sl]) < 1e-5
+    prefix = (torch.arange(tokens) < tokens - 5).unsqueeze(0)
+    assert rel_err(out, reference(*full, keep=prefix)[0][:, :, sl]) < 1e-5
     with pytest.raises(NotImplementedError, match=r"attention_kwargs \['indices_k'\] .*--sp-strategy usp"):
         flux.USP(q, k, v, attention_kwargs={"indices_k": torch.arange(3)})
+    with pytest.raises(NotImplementedError, match="grouped-query K/V .* with joint tokens"):
+        flux.USP(q, k[:, ::2], v[:, ::2], kv_head_repeat=2, joint_query=jq, joint_key=jk,
+                 joint_value=jv, joint_strategy="front")
+    with pytest.raises(ValueError, match=rf"attn_mask must cover the whole sequence, .*, 1, {tokens}\)"):
+        flux.USP(q, k, v, attention_kwargs={"attn_mask": keep[:, :tokens // 2].view(1, 1, 1, -1)})
+    with pytest.raises(ValueError, match=rf"valid_kv_len must be in \[1, {tokens}\]"):
+        flux.USP(q, k, v, attention_kwargs={"valid_kv_len": 0})
 
 
 def test_config_flow_and_usp_routing_on_two_emulated_machines():
