@@ -104,6 +104,7 @@ def parallelize_transformer(transformer: torch.nn.Module, strategy: str = "torus
         raise ValueError(f"{type(transformer).__name__} has no context-parallel plan (_cp_plan) in "
                          f"diffusers, so its sequence cannot be split; models with one include "
                          f"FluxTransformer2DModel, WanTransformer3DModel, QwenImageTransformer2DModel")
+    _refuse_broken_plan(transformer)
     device = ensure_distributed()
     layout = plan_strategy(strategy, transformer.config.num_attention_heads, ulysses=ulysses,
                            torus=torus, config=transformer.config)
@@ -130,6 +131,24 @@ def parallelize_transformer(transformer: torch.nn.Module, strategy: str = "torus
     return layout
 
 
+def _refuse_broken_plan(transformer: torch.nn.Module) -> None:
+    """Models whose diffusers 0.42 plan fails or runs wrong with any attention backend
+    (diffusers' own context parallelism included); found by running each planned model
+    against its unparallelised self on CPU ranks."""
+    name = type(transformer).__name__
+    if name == "LTX2VideoTransformer3DModel":
+        raise ValueError(
+            "LTX2VideoTransformer3DModel is not supported: diffusers 0.42's _cp_plan for it splits "
+            "the video tokens but not the audio-video cross-attention RoPE (cross_attn_rope), nor the "
+            "4-D 'split' RoPE of the released checkpoints, nor per-token timesteps, so the model fails "
+            "inside diffusers' hooks; run it unparallelised or on a diffusers release with a fixed plan")
+    if name == "HeliosTransformer3DModel" and transformer.config.get("is_amplify_history"):
+        raise ValueError(
+            "HeliosTransformer3DModel with is_amplify_history=True is not supported: diffusers 0.42's "
+            "plan shards the sequence before the attention processor counts the history tokens, so "
+            "the history keys would go unscaled (a wrong output, not an error)")
+
+
 def _wrap_dispatch(module) -> None:
     original = module.dispatch_attention_fn
     if getattr(original, "_swiftfusion", False):
@@ -146,8 +165,9 @@ def _wrap_dispatch(module) -> None:
         if (attn_mask is not None and key_mask is None) or is_causal or dropout_p:
             raise NotImplementedError(
                 "swiftfusion's sequence-parallel attention supports non-causal attention without "
-                "dropout, unmasked or with a boolean key-padding mask of shape (B, 1, 1, S) (as in "
-                "Flux, Wan and Qwen-Image); this call passes "
+                "dropout, unmasked or with a key-padding mask: the same for every query and head, "
+                "boolean or additive with entries 0 or <= -1e4, shaped (B, S) or (B, H, 1, S) (as in "
+                "Flux, Wan, Qwen-Image and LTX-Video); this call passes "
                 f"attn_mask={None if attn_mask is None else (attn_mask.dtype, tuple(attn_mask.shape))}, "
                 f"is_causal={is_causal}, dropout_p={dropout_p}")
         q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # diffusers: (B, S, H, D)
@@ -159,17 +179,35 @@ def _wrap_dispatch(module) -> None:
     module.dispatch_attention_fn = dispatch
 
 
-def _key_padding(attn_mask, batch: int, keys: int):
-    """The (B, S) keys-to-keep of a boolean key-padding mask over this rank's keys, or None.
+# An additive bias at or below this marks a padded key: exp() of it underflows to exactly 0
+# in float32 beside any logit within 9,900 of the row's largest (LTX uses -10000).
+PADDING_BIAS = -1e4
 
-    diffusers' plan shards such a mask with the sequence (Qwen-Image builds it from the
-    sharded text mask), so each rank holds the part for its own keys."""
-    if attn_mask is None or attn_mask.dtype != torch.bool:
+
+def _key_padding(attn_mask, batch: int, keys: int):
+    """The (B, S) keys-to-keep of a key-padding mask over this rank's keys, or None.
+
+    A key-padding mask is the same for every query and head: boolean (True =
+    attend; Qwen-Image) or additive with entries 0 or <= ``PADDING_BIAS``
+    (LTX's ``(1 - mask) * -10000``), shaped (B, S) or (B, H or 1, 1, S).
+    diffusers' plan shards it with the sequence, so each rank holds the part
+    for its own keys. Anything else (a real bias, per-query masks) is None."""
+    if attn_mask is None:
         return None
-    if attn_mask.dim() == 4 and attn_mask.shape[1:3] == (1, 1):
-        attn_mask = attn_mask[:, 0, 0]
+    if attn_mask.dim() == 4 and attn_mask.shape[2] == 1:
+        first_head = attn_mask[:, :1]
+        if attn_mask.shape[1] > 1 and not torch.equal(attn_mask, first_head.expand_as(attn_mask)):
+            return None
+        attn_mask = first_head[:, 0, 0]
     if attn_mask.dim() != 2 or attn_mask.shape[1] != keys or attn_mask.shape[0] not in (1, batch):
         return None
+    if attn_mask.dtype != torch.bool:
+        if not attn_mask.is_floating_point():
+            return None
+        keep = attn_mask == 0
+        if not (keep | (attn_mask <= PADDING_BIAS)).all():
+            return None  # a bias that changes weights, not just padding
+        attn_mask = keep
     return attn_mask.expand(batch, keys)
 
 

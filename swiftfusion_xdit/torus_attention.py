@@ -39,7 +39,14 @@ and their output is gathered over heads at the end.
 Key padding (``key_mask``, ``Joint.key_mask``): every rank's mask is gathered
 once per call, and each block attends only to its unmasked keys (they are
 left out of the block, so no kernel needs a mask); a block with none left
-merges as nothing.
+merges as nothing. A batch item with no key left anywhere is refused (plain
+attention is undefined there: NaN under a boolean mask).
+
+Cross-attention to a sharded sequence of another length (LTX's video queries
+against its text, both split by diffusers' plan): the keys and values are
+gathered from every rank and our queries attend to them where they are. The
+key sequence is short (text), so this moves far less than an all-to-all of
+the long query sequence would.
 
 Bytes one GPU sends per attention layer, X = (S/(T*U)) * H * D * bytes
 (one rank's shard of one tensor)::
@@ -107,6 +114,8 @@ def torus_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: S
     queries, ``(out, joint_out)`` where ``joint_out`` is (B, H, S_text, D) and
     identical on every rank. ``key_mask`` (B, S_local) bool marks which of our
     keys may be attended (key padding; ``Joint.key_mask`` for the text's).
+    ``k``/``v`` may hold a shard of another length than ``q`` (cross-attention
+    to a sharded text), without joint tokens.
     """
     transport = transport or default_transport()
     pair = transport if isinstance(transport, TransportPair) else TransportPair(transport, transport)
@@ -118,6 +127,8 @@ def torus_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: S
     _check_heads(H, U, T, exchange)
     scale = scale if scale is not None else D ** -0.5
     attend = pick_kernel(q, kernel)
+    if k.shape[2] != q.shape[2]:
+        return _attend_gathered_keys(q, k, v, groups, pair, attend, scale, key_mask, joint)
 
     qkv = _seq_to_heads(torch.stack((q, k, v)), groups.ulysses, pair.ulysses)
     u = dist.get_rank(groups.ulysses) if U > 1 else 0
@@ -139,8 +150,8 @@ def torus_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: S
     if joint is None or joint.q is None:
         return out
     if exchange == "a2a" and T > 1:
-        joint_out = _gather_heads(joint_out, groups.torus, pair.torus)
-    return out, _gather_heads(joint_out, groups.ulysses, pair.ulysses)
+        joint_out = _all_gather(joint_out, 1, groups.torus, pair.torus)
+    return out, _all_gather(joint_out, 1, groups.ulysses, pair.ulysses)
 
 
 def choose_exchange(heads: int, ulysses: int, torus: int) -> str:
@@ -199,15 +210,35 @@ def _head_slice(joint: Joint | None, start: int, count: int) -> Joint | None:
     return Joint(pick(joint.q), pick(joint.k), pick(joint.v), joint.key_mask)
 
 
-def _gather_heads(x: torch.Tensor, group, transport: Transport) -> torch.Tensor:
-    """(B, h, n, D) per rank -> (B, P*h, n, D), ranks' head groups in order."""
+def _all_gather(x: torch.Tensor, dim: int, group, transport: Transport) -> torch.Tensor:
+    """Every rank's ``x`` concatenated along ``dim``, in rank order."""
     if group is None or dist.get_world_size(group) == 1:
         return x
     if hasattr(transport, "all_gather"):
-        return join_chunks(transport.all_gather(x, group).wait(), 1)
+        return join_chunks(transport.all_gather(x, group).wait(), dim)
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=1)
+    return torch.cat(parts, dim=dim)
+
+
+def _attend_gathered_keys(q, k, v, groups: SPGroups, pair: TransportPair, attend: Kernel,
+                          scale: float, key_mask, joint: Joint | None) -> torch.Tensor:
+    """Cross-attention to a sharded key sequence of another length: gather K,V (and the
+    key mask) from every rank (machine by machine, so shards stay in rank order
+    t * U + u) and attend with our own queries, which stay put."""
+    if joint is not None:
+        raise ValueError("joint tokens need queries and keys sharded alike; this call's keys hold "
+                         f"{k.shape[2]} tokens per rank and its queries {q.shape[2]}")
+    kv = torch.stack((k, v))
+    keep = None if key_mask is None else _checked(key_mask, q.shape[0], k.shape[2], "key_mask")
+    for group, transport in ((groups.ulysses, pair.ulysses), (groups.torus, pair.torus)):
+        kv = _all_gather(kv, 3, group, transport)
+        if keep is not None:
+            keep = torch.cat(_gather_small(keep, group), dim=1)
+    if keep is not None:
+        _require_some_key(keep)
+    out, _ = attend_kept(attend, q, kv[0], kv[1], scale, keep)
+    return out.to(q.dtype)
 
 
 # --- key padding ----------------------------------------------------------------------------
@@ -231,7 +262,9 @@ class _KeyMasks:
         if joint is not None:
             joint_mask = everything(joint.k.shape[2]) if joint.key_mask is None else \
                 _checked(joint.key_mask, q.shape[0], joint.k.shape[2], "Joint.key_mask")
-        return cls(joint_mask, _gather_small(machine, groups.torus))
+        masks = cls(joint_mask, _gather_small(machine, groups.torus))
+        _require_some_key(torch.cat(([joint_mask] if joint is not None else []) + masks.machines, 1))
+        return masks
 
     def own(self, t: int) -> torch.Tensor:
         """Joint keys, then machine t's: the keys of the local block."""
@@ -243,6 +276,14 @@ def _checked(mask: torch.Tensor, batch: int, keys: int, what: str) -> torch.Tens
         raise ValueError(f"{what} must be a bool tensor of shape (batch, keys) = ({batch}, {keys}), "
                          f"True where a key may be attended; got {mask.dtype} {tuple(mask.shape)}")
     return mask
+
+
+def _require_some_key(keep: torch.Tensor) -> None:
+    """Every batch item must keep a key: plain attention over none is undefined."""
+    empty = (~keep.any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"every key of batch item(s) {empty} is masked out; attention over no key "
+                         "is undefined (NaN in PyTorch's SDPA). Keep at least one key per item")
 
 
 def _gather_small(mask: torch.Tensor, group) -> list[torch.Tensor]:

@@ -178,13 +178,116 @@ def test_flux2_matches_single_process_on_two_emulated_machines():
     run_ranks(_check_flux2, 2, 2, ("torus", "ulysses", "ring", "usp"), 17)
 
 
-def test_only_boolean_key_padding_masks_reach_torus_attention():
+def _tiny_ltx(seed):
+    from diffusers import LTXVideoTransformer3DModel
+    torch.manual_seed(seed)
+    return LTXVideoTransformer3DModel(in_channels=8, out_channels=8, num_attention_heads=4,
+                                      attention_head_dim=16, cross_attention_dim=64, num_layers=2,
+                                      caption_channels=32).eval()
+
+
+def _check_ltx(rank, world, strategies, seed):
+    """LTX-Video: diffusers' plan shards the video (32 tokens) and the text (8), so its
+    cross-attention joins sharded queries to sharded keys of another length, under an
+    additive padding bias; every strategy must give the unparallelised output, for a batch
+    whose first prompt is 3 tokens long (ranks 2 and 3 hold only its padding)."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(2, 8)
+    mask[0, 3:] = 0
+    kwargs = dict(hidden_states=torch.randn(2, 32, 8, generator=g),
+                  encoder_hidden_states=torch.randn(2, 8, 32, generator=g), timestep=torch.tensor([500, 500]),
+                  encoder_attention_mask=mask, num_frames=2, height=4, width=4, return_dict=False)
+    with torch.no_grad():
+        unpadded = _tiny_ltx(seed)(**dict(kwargs, encoder_attention_mask=torch.ones(2, 8)))[0]
+        assert rel_err(_tiny_ltx(seed)(**kwargs)[0][0], unpadded[0]) > 1e-3, "the padding must matter"
+    _every_strategy_matches(lambda: _tiny_ltx(seed), kwargs, strategies, "ltx-video")
+
+
+def test_ltx_video_matches_single_process_on_two_emulated_machines():
+    run_ranks(_check_ltx, 2, 2, ("torus", "ulysses", "ring", "usp"), 19)
+
+
+def _check_video_models(rank, world, strategies, seed):
+    """ChronoEdit (32 video tokens, Wan-like), Helios with its history latents (116 tokens
+    split at each attention and feed-forward; its plan names 40 blocks) and MiniMax-H3
+    (text, audio and video packed into one sequence): every strategy must give the
+    unparallelised output."""
+    from diffusers import ChronoEditTransformer3DModel, HeliosTransformer3DModel, MiniMaxH3Transformer3DModel
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g)
+    tiny = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16, in_channels=4,
+                out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64)
+    video = dict(hidden_states=r(1, 4, 2, 8, 8), timestep=torch.tensor([500]),
+                 encoder_hidden_states=r(1, 8, 32), return_dict=False)
+
+    def built(cls, **config):
+        def build():
+            torch.manual_seed(seed)
+            return cls(**config).eval()
+        return build
+
+    _every_strategy_matches(built(ChronoEditTransformer3DModel, **tiny, num_layers=2, rope_max_seq_len=32),
+                            video, strategies, "chronoedit")
+    at = lambda a, b: torch.arange(a, b)[None]
+    history = dict(video, indices_hidden_states=at(7, 9), latents_history_short=r(1, 4, 1, 16, 16),
+                   indices_latents_history_short=at(6, 7), latents_history_mid=r(1, 4, 2, 16, 16),
+                   indices_latents_history_mid=at(4, 6), latents_history_long=r(1, 4, 4, 16, 16),
+                   indices_latents_history_long=at(0, 4))
+    _every_strategy_matches(built(HeliosTransformer3DModel, **tiny, num_layers=40, rope_dim=(8, 4, 4)),
+                            history, strategies, "helios")
+    text, audio, frames = 8, 8, (2, 4, 4)
+    positions = torch.zeros(text + audio + 32, 3, dtype=torch.long)
+    positions[:text, 0], positions[text:text + audio, 0] = torch.arange(text), torch.arange(audio)
+    positions[text + audio:] = torch.stack(torch.meshgrid(*map(torch.arange, frames), indexing="ij"), -1).flatten(0, 2)
+    step = torch.ones(text + audio + 32, dtype=torch.long)
+    step[:text] = step[text + audio:text + audio + 16] = 0  # text and the first frame are clean
+    packed = dict(hidden_states=r(1, 32, 16), audio_hidden_states=r(1, audio, 8),
+                  encoder_hidden_states=r(1, text, 32), timestep=torch.tensor([0.0, 0.6]),
+                  timestep_indices=step, position_ids=positions,
+                  token_tags=torch.tensor([1] * text + [2] * audio + [0] * 32),
+                  text_indices=torch.arange(text), audio_indices=torch.arange(text, text + audio),
+                  video_indices=torch.arange(text + audio, text + audio + 32), return_dict=False)
+    _every_strategy_matches(built(MiniMaxH3Transformer3DModel, num_attention_heads=4, attention_head_dim=16,
+                                  hidden_size=48, num_layers=2, num_refiner_layers=1, ffn_dim=64,
+                                  in_channels=4, audio_in_channels=8, patch_size=(1, 2, 2), text_dim=32,
+                                  freq_dim=32, time_embed_hidden_dim=48, time_embed_dim=32, rope_freq_dim=2),
+                            packed, strategies, "minimax-h3")
+
+
+def test_chronoedit_helios_minimax_match_single_process_on_two_emulated_machines():
+    run_ranks(_check_video_models, 2, 2, ("torus", "ulysses", "ring", "usp"), 23)
+
+
+def test_models_whose_diffusers_plan_is_broken_are_refused():
+    from diffusers import HeliosTransformer3DModel, LTX2VideoTransformer3DModel
+    from swiftfusion_xdit.diffusers_integration import parallelize_transformer
+    ltx2 = LTX2VideoTransformer3DModel(in_channels=8, out_channels=8, num_attention_heads=2,
+                                       attention_head_dim=8, cross_attention_dim=16, audio_in_channels=8,
+                                       audio_out_channels=8, audio_num_attention_heads=2,
+                                       audio_attention_head_dim=8, audio_cross_attention_dim=16,
+                                       num_layers=1, caption_channels=8)
+    with pytest.raises(ValueError, match="LTX2VideoTransformer3DModel is not supported: .*cross_attn_rope"):
+        parallelize_transformer(ltx2, "torus")
+    helios = HeliosTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
+                                      in_channels=4, out_channels=4, text_dim=8, freq_dim=8, ffn_dim=8,
+                                      num_layers=1, rope_dim=(8, 4, 4), is_amplify_history=True)
+    with pytest.raises(ValueError, match="is_amplify_history=True is not supported: .*history keys"):
+        parallelize_transformer(helios, "torus")
+
+
+def test_only_key_padding_masks_reach_torus_attention():
     from swiftfusion_xdit.diffusers_integration import _key_padding
     keep = torch.tensor([[True, False, True], [True, True, False]])
     assert torch.equal(_key_padding(keep[:, None, None, :], 2, 3), keep)
     assert _key_padding(keep[:1], 2, 3).shape == (2, 3)  # one mask for the whole batch
     assert torch.equal(_key_padding(keep[:1], 2, 3), keep[:1].expand(2, 3))
-    assert _key_padding(torch.zeros(2, 1, 1, 3), 2, 3) is None  # additive float masks: refused
+    additive = (1 - keep.float()) * -10000.0  # LTX's bias, repeated over 4 heads
+    assert torch.equal(_key_padding(additive[:, None, None, :].expand(2, 4, 1, 3), 2, 3), keep)
+    assert torch.equal(_key_padding(additive.masked_fill(~keep, float("-inf")), 2, 3), keep)
+    assert _key_padding(torch.full((2, 1, 1, 3), -0.5), 2, 3) is None  # a bias, not padding
+    per_head = additive[:, None, None, :].repeat(1, 2, 1, 1)
+    per_head[0, 1, 0, 0] = -10000.0
+    assert _key_padding(per_head, 2, 3) is None  # heads differ
     assert _key_padding(torch.ones(2, 1, 4, 3, dtype=torch.bool), 2, 3) is None  # per query
     assert _key_padding(torch.ones(2, 1, 1, 5, dtype=torch.bool), 2, 3) is None  # other keys
 

@@ -269,3 +269,40 @@ def test_a_malformed_key_mask_is_named():
     joint = Joint(q[:, :, :3], q[:, :, :3], q[:, :, :3], key_mask=torch.ones(1, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"Joint.key_mask .* \(1, 3\)"):
         torus_attention(q, q, q, SPGroups(None, None), joint=joint)
+
+
+def _check_cross(rank, world, nodes, per_node, seed):
+    """Cross-attention to a sharded sequence of another length (LTX's text): each rank's
+    queries against every rank's keys, with and without key padding, fp32 and bf16."""
+    layout = plan_layout(detect_topology(), HEADS, ulysses=per_node, torus=nodes)
+    mesh = build_mesh(layout)
+    groups = SPGroups(mesh.ulysses_group, mesh.torus_group, layout.torus_exchange)
+    g = torch.Generator().manual_seed(seed)
+    q_all = torch.randn(2, HEADS, world * 6, HEAD_DIM, generator=g)
+    kv_all = [torch.randn(2, HEADS, world * 3, HEAD_DIM, generator=g) for _ in range(2)]
+    keep = torch.rand(2, world * 3, generator=g) > 0.4
+    keep[:, 0] = True
+    keep[0, 3 * (world - 1):] = False  # the last rank holds only padding for the first item
+    mine = lambda x, n: x[:, :, mesh.sp_rank * n:(mesh.sp_rank + 1) * n]
+    for dtype in (torch.float32, torch.bfloat16):
+        for mask in (None, keep):
+            out = torus_attention(mine(q_all, 6).to(dtype), *(mine(x, 3).to(dtype) for x in kv_all),
+                                  groups, key_mask=None if mask is None else mask[:, mesh.sp_rank * 3:][:, :3])
+            ref, _ = reference(q_all, *kv_all, keep=mask)
+            err = rel_err(out, mine(ref, 6))
+            assert err < TOL[dtype], f"{dtype} masked={mask is not None}: rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("nodes,per_node", [(1, 2), (2, 2), (3, 1)])
+def test_cross_attention_to_sharded_keys_of_another_length(nodes, per_node):
+    run_ranks(_check_cross, nodes, per_node, nodes, per_node, random.randrange(2**31))
+
+
+def test_a_batch_item_without_any_key_is_refused():
+    q = torch.randn(2, 4, 8, 16)
+    keep = torch.ones(2, 8, dtype=torch.bool)
+    keep[1] = False
+    with pytest.raises(ValueError, match=r"every key of batch item\(s\) \[1\] is masked out"):
+        torus_attention(q, q, q, SPGroups(None, None), key_mask=keep)
+    with pytest.raises(ValueError, match=r"every key of batch item\(s\) \[1\] is masked out"):
+        torus_attention(q, q[:, :, :4], q[:, :, :4], SPGroups(None, None), key_mask=keep[:, :4])
