@@ -162,3 +162,35 @@ def test_a_topology_named_twice_runs_once():
                               video_sizes="81x480x832", steps=4, out="out")
     labels, plan = harness.build_plan(args, 2)
     assert labels == ["2x1", "2x1p50"] and len(plan) == 2  # one probe each
+
+
+def test_rank_compute_runs_one_ranks_shapes_through_torus_attention(monkeypatch):
+    """The one-GPU probe of a rank's share: on a virtual 1x1 grid it is the model itself;
+    on 2x2 and 4x1 (kv and a2a) the shard flows through Torus Attention's schedule with
+    the loopback transport and comes out with the shard's shape."""
+    import torch
+    import rank_compute
+    from diffusers.models.transformers import transformer_flux
+    from swiftfusion_xdit.tiny import TINY_FLUX_TRANSFORMER
+    monkeypatch.setattr(rank_compute.torus_module, "dist", rank_compute._VirtualDist())
+    monkeypatch.setattr(transformer_flux, "dispatch_attention_fn", transformer_flux.dispatch_attention_fn)
+    torch.manual_seed(0)
+    model = transformer_flux.FluxTransformer2DModel(**TINY_FLUX_TRANSFORMER).eval()
+    g = torch.Generator().manual_seed(1)
+    img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(8.), torch.arange(8.), indexing="ij"), -1)
+    kw = dict(hidden_states=torch.randn(1, 64, model.config.in_channels, generator=g),
+              encoder_hidden_states=torch.randn(1, 16, model.config.joint_attention_dim, generator=g),
+              pooled_projections=torch.randn(1, model.config.pooled_projection_dim, generator=g),
+              timestep=torch.tensor([0.5]), img_ids=img_ids.reshape(-1, 3), txt_ids=torch.zeros(16, 3),
+              return_dict=False)
+    if model.config.guidance_embeds:
+        kw["guidance"] = torch.tensor([3.5])
+    with torch.no_grad():
+        reference = model(**kw)[0]
+        rank_compute.use_torus_attention(1, 1, "kv")
+        assert torch.allclose(model(**kw)[0], reference, atol=1e-5)
+        for U, T, exchange in ((2, 2, "kv"), (1, 4, "kv"), (1, 4, "a2a")):
+            rank_compute.use_torus_attention(U, T, exchange)
+            out = model(**rank_compute.shard(kw, U * T))[0]
+            assert out.shape == (1, 64 // (U * T), reference.shape[2])
+    assert rank_compute.exchanges(24, 1, 4) == ["kv", "a2a"] and rank_compute.exchanges(24, 1, 1) == ["kv"]

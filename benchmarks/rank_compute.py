@@ -1,0 +1,181 @@
+"""One rank's share of a sequence-parallel FLUX.1-dev step, timed on one GPU.
+
+On P = machines x GPUs ranks each rank runs the transformer on S/P tokens
+and, inside attention, whatever Torus Attention computes after each
+exchange. This runs exactly that on one GPU: the real FLUX.1-dev transformer
+(random bf16 weights) on one shard of the sequence (image and text, as
+diffusers' plan splits them), with Torus Attention over a loopback transport
+that makes the same local layout copies as the two-sided one and returns
+tensors of the right shape, but moves nothing between GPUs (each "received"
+chunk is our own). The result is the strategy's compute floor per rank --
+kernels, launches and layout copies at the shapes one rank of that grid
+sees -- with no communication: what the planner adds its link model to, and
+the honest version of "perfect scaling" (one-GPU time / P assumes GEMMs and
+attention stay as efficient on 1/P of the work).
+
+    python benchmarks/rank_compute.py --sizes 1024,2048 --grids 1x1,1x2,1x4,1x8,2x1,4x1,2x2 \
+        --compile-grids 1x1,1x4 --out DIR
+
+A grid ``MxG`` is M machines (torus degree) of G GPUs (Ulysses degree); every
+grid runs with exchange ``kv`` (what USP's ring computes too) and, where the
+heads split, ``a2a``. Outputs are meaningless (every chunk is our own); only
+the time is kept, with the per-layer attention / other split of one profiled
+step (``kernel_breakdown.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from flux_device_check import TEXT, build, flux_inputs
+from kernel_breakdown import profile_step
+from swiftfusion_xdit.torus_attention import SPGroups, torus_attention
+from swiftfusion_xdit.transport import join_chunks, split_chunks
+from timing import median_ms
+
+# the module, not the function the package exports under the same name
+torus_module = importlib.import_module("swiftfusion_xdit.torus_attention")
+
+
+class VirtualGroup:
+    """A process group of ``size`` ranks of which we are rank 0; nobody else exists."""
+
+    def __init__(self, size: int):
+        self.size, self.rank = size, 0
+
+
+class _VirtualDist:
+    """torch.distributed as Torus Attention sees it: virtual groups answer for themselves."""
+
+    def __getattr__(self, name):
+        return getattr(dist, name)
+
+    @staticmethod
+    def get_world_size(group=None):
+        return group.size if isinstance(group, VirtualGroup) else dist.get_world_size(group)
+
+    @staticmethod
+    def get_rank(group=None):
+        return group.rank if isinstance(group, VirtualGroup) else dist.get_rank(group)
+
+
+class _Ready:
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+    def wait(self):
+        return self.tensor
+
+
+class Loopback:
+    """The two-sided transport's local work without its wire: the all-to-all packs
+    and unpacks (two copies) around a receive that is our own buffer; the peer
+    exchange and the all-gather hand back what was sent (the network writes those)."""
+
+    name = "loopback"
+
+    def all_to_all(self, x, group, scatter_dim=0, gather_dim=0):
+        packed = split_chunks(x, group.size, scatter_dim).contiguous()
+        return join_chunks(packed, gather_dim).contiguous()
+
+    def exchange(self, send, dst, src, group):
+        return _Ready(send)
+
+    def all_gather(self, x, group):
+        return _Ready(x.unsqueeze(0).expand(group.size, *x.shape))
+
+
+def use_torus_attention(U: int, T: int, exchange: str) -> None:
+    """Route FLUX's attention through Torus Attention on a virtual U x T grid."""
+    from diffusers.models.transformers import transformer_flux
+    groups = SPGroups(VirtualGroup(U), VirtualGroup(T), exchange)
+    transport = Loopback()
+
+    def dispatch(query, key, value, attn_mask=None, *args, **kwargs):
+        q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+        return torus_attention(q, k, v, groups, transport=transport).transpose(1, 2)
+
+    transformer_flux.dispatch_attention_fn = dispatch
+
+
+def shard(kw: dict, P: int) -> dict:
+    """Rank 0's part of the inputs, as diffusers' Flux plan splits them."""
+    cut = lambda x, dim: x.narrow(dim, 0, x.shape[dim] // P)
+    return dict(kw, hidden_states=cut(kw["hidden_states"], 1),
+                encoder_hidden_states=cut(kw["encoder_hidden_states"], 1),
+                img_ids=cut(kw["img_ids"], 0), txt_ids=cut(kw["txt_ids"], 0))
+
+
+def exchanges(heads: int, U: int, T: int) -> list[str]:
+    return ["kv", "a2a"] if T > 1 and heads % (U * T) == 0 else ["kv"]
+
+
+def measure(model, kw, layers: int, compiled: bool) -> dict:
+    run = torch.compile(model) if compiled else model
+    with torch.no_grad():
+        ms = median_ms(lambda: run(**kw), repeats=5, warmup=3 if compiled else 2)
+        split = profile_step(lambda: run(**kw), layers)
+    return {"ms": ms, "attention_ms_per_layer": split["attention_ms_per_layer"],
+            "other_ms_per_layer": split["compute_ms_per_layer"]}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="1024,2048")
+    ap.add_argument("--grids", default="1x1,1x2,1x4,1x8,2x1,4x1,2x2")
+    ap.add_argument("--compile-grids", default="1x1,1x4", help="also compiled, at the first size")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    torus_module.dist = _VirtualDist()
+    from swiftfusion_xdit.tiny import FLUX_DEV_TRANSFORMER as config
+    layers = config["num_layers"] + config["num_single_layers"]
+    model = build("flux-dev", 0)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    rows = []
+    for size in sizes:
+        full = flux_inputs(str(size), 0)
+        for grid in args.grids.split(","):
+            T, U = map(int, grid.split("x"))
+            for exchange in exchanges(config["num_attention_heads"], U, T):
+                use_torus_attention(U, T, exchange)
+                compiled = [False] + ([True] if size == sizes[0] and grid in args.compile_grids.split(",") else [])
+                for c in compiled:
+                    torch._dynamo.reset()
+                    row = dict(size=size, grid=grid, ranks=U * T, ulysses=U, torus=T, exchange=exchange,
+                               compiled=c, tokens=(size // 16) ** 2 + TEXT,
+                               **measure(model, shard(full, U * T), layers, c))
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+    result = {"device": torch.cuda.get_device_name(), "model": "FLUX.1-dev transformer config, random bf16 weights",
+              "what": "one rank's share of one forward, no communication (loopback transport)", "rows": rows}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "rank_compute.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    write_table(result, os.path.join(args.out, "rank_compute.md"))
+
+
+def write_table(result: dict, path: str) -> None:
+    one = {(r["size"], r["compiled"]): r["ms"] for r in result["rows"] if r["ranks"] == 1}
+    lines = [f"# One rank's compute per forward, {result['device']}", "",
+             f"{result['model']}; {result['what']}. Perfect scaling = one-GPU ms / ranks; "
+             "efficiency = perfect / measured.", "",
+             "| size | grid (MxG) | exchange | compiled | ms | perfect ms | efficiency | attention ms/layer | other ms/layer |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        perfect = one.get((r["size"], r["compiled"]), float("nan")) / r["ranks"]
+        lines.append(f"| {r['size']} | {r['grid']} | {r['exchange']} | {'yes' if r['compiled'] else 'no'} | "
+                     f"{r['ms']:.1f} | {perfect:.1f} | {perfect / r['ms']:.2f} | "
+                     f"{r['attention_ms_per_layer']:.3f} | {r['other_ms_per_layer']:.3f} |")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
