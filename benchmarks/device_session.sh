@@ -13,6 +13,7 @@
 #   harness-2  the same for Nx1 and the paced 50 GB/s twins               (--append)
 #   compiled   compiled runs (xDiT --use_torch_compile, torch.compile)    (--append)
 #   video      Wan 2.1 14B, 81x480x832, on 1xN and 2x(N/2)                 (--append)
+#   rank-compute  (one GPU is enough) one rank's share of each grid, no communication
 # Appending steps need the earlier steps' folder in the working tree (copy it into
 # benchmarks/results/ and carry its ignored latents.pt files).
 set -uo pipefail
@@ -31,6 +32,11 @@ case $step in
   kernels)
     run timeout 200 torchrun --nproc-per-node "$n" benchmarks/kernel_device_check.py --nvshmem --out "$out"
     run timeout 200 torchrun --nproc-per-node "$n" benchmarks/shared_gpu_check.py --machines 1 --diffusers --out "$out" ;;
+  rank-compute)
+    run timeout 400 python3 benchmarks/rank_compute.py --sizes 1024,2048 \
+      --grids 1x1,1x2,1x4,1x8,2x1,2x2,4x1,2x4,4x2,8x1 --compile-grids 1x1,1x2,1x4 --out "$out"
+    run timeout 150 python3 benchmarks/rank_compute.py --sizes 4096 --grids 1x1,1x4,1x8 \
+      --compile-grids none --out "$out/4096" ;;
   alltoall)  run timeout 500 torchrun --nproc-per-node "$n" benchmarks/alltoall_bench.py --out "$out" ;;
   shared)    # one GPU: four processes share it under CUDA MPS (correctness only, nothing timed)
     export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps CUDA_MPS_LOG_DIRECTORY=/tmp/mpslog
@@ -46,5 +52,5 @@ case $step in
   video)     harness --topologies "1x$n,2x$half" --suites video --timeout 280 --append ;;
   *) echo "unknown step $step"; exit 2 ;;
 esac
-case $step in kernels|alltoall|shared) ;; *) run python3 benchmarks/report.py "$out" > /dev/null ;; esac
+case $step in kernels|alltoall|shared|rank-compute) ;; *) run python3 benchmarks/report.py "$out" > /dev/null ;; esac
 exit $fail

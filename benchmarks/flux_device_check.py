@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 import paced_link
+from link_probe import measure_links
 from kernel_breakdown import profile_step, slowest_rank
 from swiftfusion_xdit.topology import emulate_machines
 
@@ -98,20 +99,6 @@ def forward_ms(model, kw, repeats=5):
     return out, statistics.median(times)
 
 
-def all_to_all_busbw(mib=64, repeats=10):
-    """Bus bandwidth of a world all-to-all, to show which links the run really used."""
-    world = dist.get_world_size()
-    x = torch.randn(mib * 2**20 // 2, device="cuda", dtype=torch.bfloat16)
-    y = torch.empty_like(x)
-    dist.all_to_all_single(y, x)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(repeats):
-        dist.all_to_all_single(y, x)
-    torch.cuda.synchronize()
-    return mib * 2**20 * (world - 1) / world / ((time.perf_counter() - t) / repeats) / 1e9
-
-
 def profile_forward(model, model_name, size) -> dict:
     """Per-layer attention / communication GPU time of one profiled forward (this rank)."""
     layers = sum(getattr(model.config, k, 0) or 0 for k in ("num_layers", "num_single_layers"))
@@ -153,10 +140,11 @@ def main():
     label = args.label or f"{args.nodes}x{world // args.nodes}"
     from swiftfusion_xdit.diffusers_integration import ensure_distributed, parallelize_transformer
     ensure_distributed()
+    links = measure_links(args.nodes)  # the link as this run finds it (the probe runs apart)
     result = {"device": torch.cuda.get_device_name(), "world": world, "nodes": args.nodes,
               "topology": label, "paced_inter_GBps": paced_gbps, "compiled": args.compile,
-              "world_all_to_all_busbw_GBps_64MiB": all_to_all_busbw(),
-              "model": args.model, "runs": []}
+              "world_all_to_all_busbw_GBps_64MiB": links["world_all_to_all_busbw_GBps"],
+              "links": links, "model": args.model, "runs": []}
     sizes = args.sizes.split(",")
     refs = {}
     model = maybe_compile(build(args.model, 0), args.compile)

@@ -33,25 +33,18 @@ def timed(fn, repeats=10):
     return (time.perf_counter() - t) / repeats
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--nodes", type=int, default=1)
-    ap.add_argument("--mib", type=int, default=64)
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
-    paced_gbps = paced_link.install_from_env()  # the probe then measures the paced link
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    per_node = world // args.nodes
-    emulate_machines(args.nodes)
-    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl", device_id=torch.device("cuda", torch.cuda.current_device()))
-    n = args.mib * 2**20 // 2
+def measure_links(nodes: int, mib: int = 64) -> dict:
+    """The world all-to-all's bus bandwidth and, across machines, a bidirectional swap
+    and a collective all-gather between counterpart ranks, per GPU (collective: every
+    rank calls it). ``flux_device_check.py`` runs it inside each check too, so the
+    planner can read the link as it was during that run."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    per_node = world // nodes
+    n = mib * 2**20 // 2
     x, y = (torch.randn(n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     seconds = timed(lambda: dist.all_to_all_single(y, x))
-    result = {"device": torch.cuda.get_device_name(), "world": world, "nodes": args.nodes,
-              "message_MiB": args.mib, "paced_inter_GBps": paced_gbps,
-              "world_all_to_all_busbw_GBps": args.mib * 2**20 * (world - 1) / world / seconds / 1e9}
-    if args.nodes > 1:
+    result = {"message_MiB": mib, "world_all_to_all_busbw_GBps": mib * 2**20 * (world - 1) / world / seconds / 1e9}
+    if nodes > 1:
         peer_next = (rank + per_node) % world
         peer_prev = (rank - per_node) % world
 
@@ -60,14 +53,29 @@ def main():
             for req in dist.batch_isend_irecv(ops):
                 req.wait()
         seconds = timed(swap)
-        result["inter_machine_GBps_per_gpu_per_direction"] = args.mib * 2**20 / seconds / 1e9
+        result["inter_machine_GBps_per_gpu_per_direction"] = mib * 2**20 / seconds / 1e9
         # the same machines joined by a collective (what diffusers' ring uses)
         rails = [dist.new_group(list(range(r, world, per_node))) for r in range(per_node)]
         rail = rails[rank % per_node]
-        parts = torch.empty(args.nodes * n, device="cuda", dtype=torch.bfloat16)
+        parts = torch.empty(nodes * n, device="cuda", dtype=torch.bfloat16)
         seconds = timed(lambda: dist.all_gather_into_tensor(parts, x, group=rail))
-        result["inter_machine_all_gather_GBps_per_gpu_in"] = (
-            args.mib * 2**20 * (args.nodes - 1) / seconds / 1e9)
+        result["inter_machine_all_gather_GBps_per_gpu_in"] = mib * 2**20 * (nodes - 1) / seconds / 1e9
+    return result
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--nodes", type=int, default=1)
+    ap.add_argument("--mib", type=int, default=64)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    paced_gbps = paced_link.install_from_env()  # the probe then measures the paced link
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    emulate_machines(args.nodes)
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl", device_id=torch.device("cuda", torch.cuda.current_device()))
+    result = {"device": torch.cuda.get_device_name(), "world": world, "nodes": args.nodes,
+              "paced_inter_GBps": paced_gbps, **measure_links(args.nodes, args.mib)}
     result["nccl_env"] = {k: v for k, v in os.environ.items() if k.startswith("NCCL_")}
     if rank == 0:
         with open(args.out, "w") as f:

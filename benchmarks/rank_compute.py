@@ -138,7 +138,8 @@ def main():
     layers = config["num_layers"] + config["num_single_layers"]
     model = build("flux-dev", 0)
     sizes = [int(s) for s in args.sizes.split(",")]
-    rows = []
+    result = {"device": torch.cuda.get_device_name(), "model": "FLUX.1-dev transformer config, random bf16 weights",
+              "what": "one rank's share of one forward, no communication (loopback transport)", "rows": []}
     for size in sizes:
         full = flux_inputs(str(size), 0)
         for grid in args.grids.split(","):
@@ -149,30 +150,38 @@ def main():
                 for c in compiled:
                     torch._dynamo.reset()
                     row = dict(size=size, grid=grid, ranks=U * T, ulysses=U, torus=T, exchange=exchange,
-                               compiled=c, tokens=(size // 16) ** 2 + TEXT,
-                               **measure(model, shard(full, U * T), layers, c))
-                    rows.append(row)
+                               compiled=c, tokens=(size // 16) ** 2 + TEXT)
+                    try:
+                        row.update(measure(model, shard(full, U * T), layers, c))
+                    except Exception as e:  # keep the other rows; say what failed
+                        row["error"] = f"{type(e).__name__}: {e}"[:500]
+                    result["rows"].append(row)
                     print(json.dumps(row), flush=True)
-    result = {"device": torch.cuda.get_device_name(), "model": "FLUX.1-dev transformer config, random bf16 weights",
-              "what": "one rank's share of one forward, no communication (loopback transport)", "rows": rows}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "rank_compute.json"), "w") as f:
+                    save(result, args.out)  # after every row: a timeout keeps what ran
+
+
+def save(result: dict, folder: str) -> None:
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "rank_compute.json"), "w") as f:
         json.dump(result, f, indent=2)
-    write_table(result, os.path.join(args.out, "rank_compute.md"))
+    write_table(result, os.path.join(folder, "rank_compute.md"))
 
 
 def write_table(result: dict, path: str) -> None:
-    one = {(r["size"], r["compiled"]): r["ms"] for r in result["rows"] if r["ranks"] == 1}
+    ok = [r for r in result["rows"] if "ms" in r]
+    one = {(r["size"], r["compiled"]): r["ms"] for r in ok if r["ranks"] == 1}
     lines = [f"# One rank's compute per forward, {result['device']}", "",
              f"{result['model']}; {result['what']}. Perfect scaling = one-GPU ms / ranks; "
              "efficiency = perfect / measured.", "",
              "| size | grid (MxG) | exchange | compiled | ms | perfect ms | efficiency | attention ms/layer | other ms/layer |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
+    for r in ok:
         perfect = one.get((r["size"], r["compiled"]), float("nan")) / r["ranks"]
         lines.append(f"| {r['size']} | {r['grid']} | {r['exchange']} | {'yes' if r['compiled'] else 'no'} | "
                      f"{r['ms']:.1f} | {perfect:.1f} | {perfect / r['ms']:.2f} | "
                      f"{r['attention_ms_per_layer']:.3f} | {r['other_ms_per_layer']:.3f} |")
+    lines += [f"\nFailed: {r['size']} {r['grid']} {r['exchange']} compiled={r['compiled']}: {r['error']}"
+              for r in result["rows"] if "error" in r]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 

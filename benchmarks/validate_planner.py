@@ -1,22 +1,27 @@
 """Planner check: predicted vs measured step latency for every harness configuration.
 
-    python benchmarks/validate_planner.py benchmarks/results/h200x2
+    python benchmarks/validate_planner.py benchmarks/results/h200x2 [--rank-compute FILE]
 
 Hardware numbers come from the same session's measurements only: GEMM and
 attention throughput fitted to the one-GPU times at 1024^2 and 2048^2, the
 intra-machine all-to-all bandwidth, and the inter-machine bandwidths from the
-link probe. Writes ``planner_validation.json`` and ``.md`` beside them.
+link probe. Where one rank's compute per grid was measured
+(``rank_compute.py``: the folder's own ``rank_compute.json``, or the file
+given) a second prediction uses it in place of the fitted GEMM + attention
+throughput, and both are reported. Writes ``planner_validation.json`` and
+``.md`` beside them.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
 import sys
 
 from harness import parse_topology
-from swiftfusion_xdit.planner import H200, Hardware, ModelShape, Plan, predict, rank_plans
+from swiftfusion_xdit.planner import H200, Hardware, MeasuredCompute, ModelShape, Plan, predict, rank_plans
 from swiftfusion_xdit.tiny import FLUX_DEV_TRANSFORMER
 
 # harness names -> the plan they run (topology "MxG": M machines of G GPUs)
@@ -63,6 +68,25 @@ def load_probes(folder) -> dict[str, dict]:
             for name in sorted(os.listdir(folder)) if name.startswith("probe_") and name.endswith(".json")}
 
 
+def load_rank_compute(path: str | None) -> dict:
+    """(size, ulysses, across, exchange) -> one rank's measured eager compute for that grid."""
+    if path is None or not os.path.exists(path):
+        return {}
+    rows = json.load(open(path))["rows"]
+    return {(r["size"], r["ulysses"], r["torus"], r["exchange"]):
+            MeasuredCompute(r["ms"], r["attention_ms_per_layer"]) for r in rows
+            if "ms" in r and not r["compiled"]}
+
+
+def measured_for(table: dict, size: int):
+    """The planner's ``measured(plan)`` lookup at one size: USP's ring computes what
+    torus ``kv`` computes (the same blocks); PipeFusion is not in the table."""
+    def lookup(plan: Plan) -> MeasuredCompute | None:
+        exchange = "kv" if plan.strategy == "usp" else plan.exchange
+        return table.get((size, plan.ulysses, plan.across, exchange)) if plan.strategy != "pipefusion" else None
+    return lookup
+
+
 def grid(topo: str) -> tuple[int, int]:
     """Machines and GPUs per machine of a topology label (``2x2``, paced ``2x2p50``)."""
     return parse_topology(topo)[:2]
@@ -70,7 +94,8 @@ def grid(topo: str) -> tuple[int, int]:
 
 def hardware_per_topology(flux, probes, shape) -> dict[str, Hardware]:
     """GEMM and attention throughput from the one-GPU times, the intra-machine all-to-all
-    from a one-machine run, and each multi-machine topology's own link probe."""
+    from a one-machine run, and each multi-machine topology's link: as its diffusers check
+    measured it in the same process (``links``, newer runs), else its own link probe."""
     single = [r for t, r in flux.items() if t.startswith("1x")]
     one_gpu = {}  # each job measures its own one-GPU reference: a one-machine job's first
     for result in single + [r for t, r in flux.items() if not t.startswith("1x")]:
@@ -81,15 +106,19 @@ def hardware_per_topology(flux, probes, shape) -> dict[str, Hardware]:
                                       inter_GBps=H200.inter_GBps)
     hw = {"base": base}  # topologies with neither a check nor a probe (xDiT-only runs)
     for topo in set(flux) | set(probes):
-        probe = probes.get(topo)
+        links = flux.get(topo, {}).get("links", {})
+        probe = links if "inter_machine_GBps_per_gpu_per_direction" in links else probes.get(topo)
         hw[topo] = base if probe is None else dataclasses.replace(
             base, inter_GBps=probe["inter_machine_GBps_per_gpu_per_direction"],
             inter_collective_GBps=probe["inter_machine_all_gather_GBps_per_gpu_in"])
     return hw
 
 
-def main(folder: str):
+def main(folder: str, rank_compute: str | None = None):
     flux, probes, harness = load(folder)
+    own = os.path.join(folder, "rank_compute.json")
+    rank_compute = own if os.path.exists(own) else rank_compute
+    table = load_rank_compute(rank_compute)
     shape = lambda size, joint=False: ModelShape.flux(FLUX_DEV_TRANSFORMER, size, size,
                                                        text_in_exchange=not joint)
     hws = hardware_per_topology(flux, probes, shape)
@@ -101,8 +130,10 @@ def main(folder: str):
             if kind is None:
                 continue
             s = shape(run["size"])
-            pred = predict(plan_for(kind, run["strategy"], nodes * per, nodes, s), s, hws.get(topo, hws["base"]), per)
-            rows.append(_row("diffusers", run["strategy"], topo, run["size"], pred, run["parallel_ms"]))
+            plan = plan_for(kind, run["strategy"], nodes * per, nodes, s)
+            hw = hws.get(topo, hws["base"])
+            rows.append(_row("diffusers", run["strategy"], topo, run["size"], predict(plan, s, hw, per),
+                             run["parallel_ms"], _with_measured(plan, s, hw, per, table, run["size"])))
     for row in harness["rows"]:
         if row["kind"] != "xdit" or "result" not in row or row["result"]["world"] == 1:
             continue
@@ -111,12 +142,15 @@ def main(folder: str):
         nodes, per = grid(topo)
         s = shape(r["height"], joint=True)
         kind = "torus" if name.startswith("xdit-torus") else ""
-        pred = predict(plan_for(kind, name, nodes * per, nodes, s), s, hws.get(topo, hws["base"]), per)
-        rows.append(_row("xdit", name, topo, r["height"], pred, r["median_step_ms"]))
+        plan = plan_for(kind, name, nodes * per, nodes, s)
+        hw = hws.get(topo, hws["base"])
+        rows.append(_row("xdit", name, topo, r["height"], predict(plan, s, hw, per), r["median_step_ms"],
+                         _with_measured(plan, s, hw, per, table, r["height"])))
     choices = []
     for (path, topo, size) in sorted({(r["path"], r["topology"], r["size"]) for r in rows}):
         nodes, per = grid(topo)
-        best = rank_plans(shape(size, joint=path == "xdit"), hws.get(topo, hws["base"]), nodes, per)[0].plan.describe()
+        best = rank_plans(shape(size, joint=path == "xdit"), hws.get(topo, hws["base"]), nodes, per,
+                          measured=measured_for(table, size))[0].plan.describe()
         measured = {r["plan"]: r["measured_ms"] for r in rows
                     if (r["path"], r["topology"], r["size"]) == (path, topo, size) and r["exact"]}
         if best in measured:
@@ -127,7 +161,10 @@ def main(folder: str):
                             "within_5pct": measured[best] <= 1.05 * min(measured.values())})
     out = {"device": f"{harness['device']} x {harness['gpus']}",
            "hardware": {t: h.__dict__ for t, h in sorted(hws.items()) if t != "base"}, "rows": rows, "choices": choices,
-           "within_20pct": sum(r["within_20pct"] for r in rows), "configs": len(rows)}
+           "within_20pct": sum(r["within_20pct"] for r in rows), "configs": len(rows),
+           "rank_compute": rank_compute if table else None, "folder": os.path.basename(os.path.normpath(folder)),
+           "within_20pct_measured_compute": sum(r.get("within_20pct_measured", False) for r in rows),
+           "configs_measured_compute": sum("predicted_measured_ms" in r for r in rows)}
     with open(os.path.join(folder, "planner_validation.json"), "w") as f:
         json.dump(out, f, indent=2)
     with open(os.path.join(folder, "planner_validation.md"), "w") as f:
@@ -135,12 +172,23 @@ def main(folder: str):
     print(_markdown(out))
 
 
-def _row(path, name, topo, size, pred, measured):
+def _with_measured(plan, shape, hw, per, table, size):
+    """The prediction with this grid's measured rank compute, or None where not measured."""
+    compute = measured_for(table, size)(plan)
+    return None if compute is None else predict(plan, shape, hw, per, compute)
+
+
+def _row(path, name, topo, size, pred, measured, pred_measured=None):
     err = pred.step_ms / measured - 1
-    return {"path": path, "run": name, "topology": topo, "size": size, "plan": pred.plan.describe(),
-            "exact": pred.exact, "predicted_ms": round(pred.step_ms, 1),
-            "measured_ms": round(measured, 1), "error": round(err, 3),
-            "within_20pct": abs(err) <= 0.2}
+    row = {"path": path, "run": name, "topology": topo, "size": size, "plan": pred.plan.describe(),
+           "exact": pred.exact, "predicted_ms": round(pred.step_ms, 1),
+           "measured_ms": round(measured, 1), "error": round(err, 3),
+           "within_20pct": abs(err) <= 0.2}
+    if pred_measured is not None:
+        err = pred_measured.step_ms / measured - 1
+        row.update(predicted_measured_ms=round(pred_measured.step_ms, 1), error_measured=round(err, 3),
+                   within_20pct_measured=abs(err) <= 0.2)
+    return row
 
 
 def _markdown(out) -> str:
@@ -152,13 +200,19 @@ def _markdown(out) -> str:
         lines.append(f"- {topo}: GEMM {hw['gemm_tflops']:.0f} TFLOP/s, attention "
                      f"{hw['attention_tflops']:.0f} TFLOP/s, intra {hw['intra_GBps']:.0f} GB/s{inter}, "
                      f"{hw['latency_us']:.0f} us per collective")
-    lines += ["",
-             f"Within 20%: {out['within_20pct']} of {out['configs']} configurations.", "",
-             "| path | run | topology | size | plan | predicted ms | measured ms | error |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines += ["", f"Within 20%: {out['within_20pct']} of {out['configs']} configurations (fitted compute)."]
+    if out.get("rank_compute"):
+        apart = "" if os.path.basename(os.path.dirname(out["rank_compute"])) == out["folder"] else \
+            ", measured in another session on the same GPU model"
+        lines += [f"With one rank's measured compute (`{out['rank_compute']}`{apart}): "
+                  f"{out['within_20pct_measured_compute']} of {out['configs_measured_compute']}."]
+    lines += ["", "| path | run | topology | size | plan | predicted ms | measured ms | error | "
+              "predicted ms, measured compute | error |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in out["rows"]:
+        with_measured = (f"{r['predicted_measured_ms']} | {r['error_measured']:+.0%}"
+                         if "predicted_measured_ms" in r else "- | -")
         lines.append(f"| {r['path']} | {r['run']} | {r['topology']} | {r['size']} | {r['plan']} | "
-                     f"{r['predicted_ms']} | {r['measured_ms']} | {r['error']:+.0%} |")
+                     f"{r['predicted_ms']} | {r['measured_ms']} | {r['error']:+.0%} | {with_measured} |")
     lines += ["", "| path | topology | size | planner chose | its measured ms | best measured | "
               "best ms | within 5% |", "|---|---|---|---|---|---|---|---|"]
     for c in out["choices"]:
@@ -169,4 +223,8 @@ def _markdown(out) -> str:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("folder")
+    ap.add_argument("--rank-compute", help="rank_compute.json from another session (labelled as such)")
+    args = ap.parse_args()
+    main(args.folder, args.rank_compute)

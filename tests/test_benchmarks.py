@@ -153,6 +153,35 @@ def test_planner_validation_finds_every_topology_and_uses_its_own_probe(tmp_path
     assert out["hardware"]["2x2p50"]["inter_GBps"] == 50.0
     torus = next(r for r in out["rows"] if (r["run"], r["topology"], r["size"]) == ("torus-nccl", "2x2", 1024))
     assert torus["plan"] == "torus ulysses=2 torus=2 (kv)"
+    assert "predicted_measured_ms" not in torus  # no rank compute measured: one prediction
+
+
+def test_planner_validation_uses_measured_rank_compute_and_the_checks_own_link(tmp_path):
+    """With rank_compute.json in the folder, rows whose grid was measured get a second
+    prediction built on it (USP's ring reads torus kv's grid; PipeFusion has none), and a
+    check that measured its link in-process is planned with that link, not the probe's."""
+    import validate_planner
+    src, folder = os.path.join(BENCH, "results", "h200x2"), tmp_path / "run"
+    shutil.copytree(src, folder)
+    check = json.load(open(folder / "flux_check_2x1_nccl.json"))
+    check["links"] = {"inter_machine_GBps_per_gpu_per_direction": 4.0, "inter_machine_all_gather_GBps_per_gpu_in": 5.0}
+    (folder / "flux_check_2x1_nccl.json").write_text(json.dumps(check))
+    rows = [dict(size=1024, grid="1x2", ranks=2, ulysses=2, torus=1, exchange="kv", compiled=False, ms=120.0,
+                 attention_ms_per_layer=0.25, other_ms_per_layer=1.8),
+            dict(size=1024, grid="2x1", ranks=2, ulysses=1, torus=2, exchange="kv", compiled=False, ms=140.0,
+                 attention_ms_per_layer=0.25, other_ms_per_layer=2.2)]
+    (folder / "rank_compute.json").write_text(json.dumps({"device": "H", "rows": rows}))
+    validate_planner.main(str(folder))
+    out = json.load(open(folder / "planner_validation.json"))
+    assert out["hardware"]["2x1"]["inter_GBps"] == 4.0 and out["hardware"]["2x1"]["inter_collective_GBps"] == 5.0
+    by = {(r["path"], r["run"], r["topology"], r["size"]): r for r in out["rows"]}
+    ulysses = by[("xdit", "xdit-usp-u2r1", "1x2", 1024)]
+    ring = by[("xdit", "xdit-usp-u1r2", "2x1", 1024)]
+    assert ulysses["predicted_measured_ms"] > 120.0 and ring["predicted_measured_ms"] > 140.0  # compute + links
+    assert "predicted_measured_ms" not in by[("xdit", "xdit-pipefusion-2", "1x2", 1024)]
+    assert "predicted_measured_ms" not in by[("diffusers", "torus-nccl", "1x2", 2048)]  # 2048 not measured
+    assert out["configs_measured_compute"] == sum("predicted_measured_ms" in r for r in out["rows"]) > 0
+    assert "With one rank's measured compute" in (folder / "planner_validation.md").read_text()
 
 
 def test_a_topology_named_twice_runs_once():

@@ -106,3 +106,23 @@ def test_cost_model_weights_match_the_real_model_classes():
     hf = 24 * 128
     charged = ModelShape.flux(FLUX_DEV_TRANSFORMER, 1024, 1024).gemm_params_per_token + 19 * 18 * hf * hf
     assert abs(flux - charged) / flux < 0.02 and 11.5e9 < flux < 12.5e9
+
+
+def test_measured_rank_compute_replaces_the_fitted_compute():
+    """A rank's measured step (no communication) stands in for GEMM + attention; the
+    links are added as before, and overlap hides under the measured attention."""
+    from swiftfusion_xdit.planner import MeasuredCompute
+    shape = ModelShape.flux(FLUX_DEV_TRANSFORMER, 1024, 1024)
+    hw = Hardware(500.0, 600.0, intra_GBps=200.0, inter_GBps=2.0, inter_collective_GBps=2.0)
+    plan = Plan("torus", 1, 2, "kv")
+    fitted = predict(plan, shape, hw, gpus_per_node=1)
+    measured = predict(plan, shape, hw, 1, MeasuredCompute(step_ms=140.0, attention_ms_per_layer=0.25))
+    assert measured.compute_ms == pytest.approx(140.0)
+    L = shape.layers
+    _, cross = bytes_per_layer(plan, shape)
+    inter = cross / 2.0e6 + hw.latency_us / 1e3  # one all-gather, ms
+    assert measured.step_ms == pytest.approx(140.0 + (inter - 0.25 / 2) * L)
+    assert measured.inter_ms == pytest.approx(fitted.inter_ms)
+    pipefusion = Plan("pipefusion", 1, 2)
+    assert predict(pipefusion, shape, hw, 1, MeasuredCompute(1.0, 0.0)).step_ms == \
+        pytest.approx(predict(pipefusion, shape, hw, 1).step_ms)  # a stage's compute is not that table's
