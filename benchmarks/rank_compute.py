@@ -117,8 +117,8 @@ def exchanges(heads: int, U: int, T: int) -> list[str]:
     return ["kv", "a2a"] if T > 1 and heads % (U * T) == 0 else ["kv"]
 
 
-def measure(model, kw, layers: int, compiled: bool) -> dict:
-    run = torch.compile(model) if compiled else model
+def measure(model, kw, layers: int, compiled: bool, mode: str = "default") -> dict:
+    run = torch.compile(model, mode=mode) if compiled else model
     with torch.no_grad():
         ms = median_ms(lambda: run(**kw), repeats=5, warmup=3 if compiled else 2)
         split = profile_step(lambda: run(**kw), layers)
@@ -131,6 +131,7 @@ def main():
     ap.add_argument("--sizes", default="1024,2048")
     ap.add_argument("--grids", default="1x1,1x2,1x4,1x8,2x1,4x1,2x2")
     ap.add_argument("--compile-grids", default="1x1,1x4", help="also compiled, at the first size")
+    ap.add_argument("--compile-mode", default="default", help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torus_module.dist = _VirtualDist()
@@ -150,9 +151,10 @@ def main():
                 for c in compiled:
                     torch._dynamo.reset()
                     row = dict(size=size, grid=grid, ranks=U * T, ulysses=U, torus=T, exchange=exchange,
-                               compiled=c, tokens=(size // 16) ** 2 + TEXT)
+                               compiled=c, compile_mode=args.compile_mode if c else None,
+                               tokens=(size // 16) ** 2 + TEXT)
                     try:
-                        row.update(measure(model, shard(full, U * T), layers, c))
+                        row.update(measure(model, shard(full, U * T), layers, c, args.compile_mode))
                     except Exception as e:  # keep the other rows; say what failed
                         row["error"] = f"{type(e).__name__}: {e}"[:500]
                     result["rows"].append(row)
@@ -177,7 +179,7 @@ def write_table(result: dict, path: str) -> None:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in ok:
         perfect = one.get((r["size"], r["compiled"]), float("nan")) / r["ranks"]
-        lines.append(f"| {r['size']} | {r['grid']} | {r['exchange']} | {'yes' if r['compiled'] else 'no'} | "
+        lines.append(f"| {r['size']} | {r['grid']} | {r['exchange']} | {r.get('compile_mode') or 'no'} | "
                      f"{r['ms']:.1f} | {perfect:.1f} | {perfect / r['ms']:.2f} | "
                      f"{r['attention_ms_per_layer']:.3f} | {r['other_ms_per_layer']:.3f} |")
     lines += [f"\nFailed: {r['size']} {r['grid']} {r['exchange']} compiled={r['compiled']}: {r['error']}"
