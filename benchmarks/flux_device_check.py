@@ -107,9 +107,10 @@ def profile_forward(model, model_name, size) -> dict:
         return profile_step(lambda: model(**kw), layers)
 
 
-def maybe_compile(model, compile_: bool):
-    """torch.compile after parallelisation, so the compiled graph includes the CP hooks."""
-    return torch.compile(model) if compile_ else model
+def maybe_compile(model, compile_: bool, mode: str = "default"):
+    """torch.compile after parallelisation, so the compiled graph includes the CP hooks
+    (``mode="reduce-overhead"``: CUDA graphs, collectives captured with the kernels)."""
+    return torch.compile(model, mode=mode) if compile_ else model
 
 
 def native_context_parallel(model, strategy, world):
@@ -130,6 +131,7 @@ def main():
     ap.add_argument("--strategies", default="torus,usp,ulysses,ring")
     ap.add_argument("--comm", default="nccl", help="torus transport: nccl or nvshmem")
     ap.add_argument("--compile", action="store_true", help="torch.compile every model, reference too")
+    ap.add_argument("--compile-mode", default="default", help="torch.compile mode, e.g. reduce-overhead")
     ap.add_argument("--repeats", type=int, default=5, help="timed forwards per strategy and size (median)")
     ap.add_argument("--label", default=None, help="topology label for the file name (default NxG)")
     ap.add_argument("--out", default=".")
@@ -143,11 +145,12 @@ def main():
     links = measure_links(args.nodes)  # the link as this run finds it (the probe runs apart)
     result = {"device": torch.cuda.get_device_name(), "world": world, "nodes": args.nodes,
               "topology": label, "paced_inter_GBps": paced_gbps, "compiled": args.compile,
+              "compile_mode": args.compile_mode if args.compile else None,
               "world_all_to_all_busbw_GBps_64MiB": links["world_all_to_all_busbw_GBps"],
               "links": links, "model": args.model, "runs": []}
     sizes = args.sizes.split(",")
     refs = {}
-    model = maybe_compile(build(args.model, 0), args.compile)
+    model = maybe_compile(build(args.model, 0), args.compile, args.compile_mode)
     for size in sizes:
         refs[size] = forward_ms(model, inputs(args.model, size, 7), args.repeats)
         result.setdefault("one_gpu_per_layer", {})[size] = profile_forward(model, args.model, size)
@@ -160,7 +163,7 @@ def main():
         else:  # "torus" uses --comm; "torus-nvshmem" / "torus-nccl" name it
             name, _, comm = strategy.partition("-")
             layout = parallelize_transformer(model, name, comm=comm or args.comm)
-        model = maybe_compile(model, args.compile)
+        model = maybe_compile(model, args.compile, args.compile_mode)
         for size in sizes:
             out, ms = forward_ms(model, inputs(args.model, size, 7), args.repeats)
             ref, ref_ms = refs[size]

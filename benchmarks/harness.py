@@ -146,7 +146,7 @@ def build_plan(args, g: int) -> tuple[list[str], list[tuple]]:
             plan.append(("diffusers", f"{suite} {topo}", g, "flux_device_check.py",
                          ["--model", model, "--nodes", str(nodes), "--label", topo, "--sizes", model_sizes,
                           "--strategies", ",".join(run), "--repeats", str(repeats), "--out", args.out]
-                         + ["--compile"] * args.compile,
+                         + (["--compile", "--compile-mode", args.compile_mode] if args.compile else []),
                          os.path.join(args.out, f"{stem}_{topo}_nccl{'_compiled' * args.compile}.json"),
                          paced_env(nodes, gbps)))
 
@@ -168,6 +168,8 @@ def main():
     ap.add_argument("--timeout", type=int, default=300)
     ap.add_argument("--compile", action="store_true",
                     help="compiled runs: xfuser's --use_torch_compile, torch.compile on the diffusers path")
+    ap.add_argument("--compile-mode", default="default",
+                    help="torch.compile mode on the diffusers path (reduce-overhead: CUDA graphs); one per folder")
     ap.add_argument("--append", action="store_true",
                     help="add to the folder's harness.json (device calls are capped at 10 minutes: "
                          "run a few topologies per call; the one-GPU reference is reused)")

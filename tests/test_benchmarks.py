@@ -63,8 +63,11 @@ def test_paced_twins_carry_their_link_and_compiled_runs_leave_them_out():
     video = [job for job in plan if job[1] == "video 2x2p50"]
     assert len(video) == 1 and video[0][4][:2] == ["--model", "wan2.1-14b"]
     assert video[0][5].endswith("wan2.1-14b_check_2x2p50_nccl.json")
-    labels, _ = harness.build_plan(argparse.Namespace(**{**vars(args), "compile": True}), 4)
+    labels, compiled = harness.build_plan(
+        argparse.Namespace(**{**vars(args), "compile": True, "compile_mode": "reduce-overhead"}), 4)
     assert labels == ["1x4", "2x2"]
+    diffusers = next(job for job in compiled if job[0] == "diffusers")
+    assert diffusers[4][-3:] == ["--compile", "--compile-mode", "reduce-overhead"]  # CUDA graphs asked for
 
 
 def test_append_reuses_the_one_gpu_reference_an_earlier_call_left(tmp_path):
