@@ -166,7 +166,7 @@ def _wrap_dispatch(module) -> None:
             raise NotImplementedError(
                 "swiftfusion's sequence-parallel attention supports non-causal attention without "
                 "dropout, unmasked or with a key-padding mask: the same for every query and head, "
-                "boolean or additive with entries 0 or <= -1e4, shaped (B, S) or (B, H, 1, S) (as in "
+                "boolean or additive with entries 0 or <= -1000, shaped (B, S) or (B, H, 1, S) (as in "
                 "Flux, Wan, Qwen-Image and LTX-Video); this call passes "
                 f"attn_mask={None if attn_mask is None else (attn_mask.dtype, tuple(attn_mask.shape))}, "
                 f"is_causal={is_causal}, dropout_p={dropout_p}")
@@ -180,8 +180,9 @@ def _wrap_dispatch(module) -> None:
 
 
 # An additive bias at or below this marks a padded key: exp() of it underflows to exactly 0
-# in float32 beside any logit within 9,900 of the row's largest (LTX uses -10000).
-PADDING_BIAS = -1e4
+# in float32 beside any logit within 896 of the row's largest. Well above LTX's -10000
+# (-9984 in bfloat16), so no rounding of it lands on the wrong side.
+PADDING_BIAS = -1e3
 
 
 def _key_padding(attn_mask, batch: int, keys: int):

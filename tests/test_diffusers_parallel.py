@@ -201,6 +201,15 @@ def _check_ltx(rank, world, strategies, seed):
         unpadded = _tiny_ltx(seed)(**dict(kwargs, encoder_attention_mask=torch.ones(2, 8)))[0]
         assert rel_err(_tiny_ltx(seed)(**kwargs)[0][0], unpadded[0]) > 1e-3, "the padding must matter"
     _every_strategy_matches(lambda: _tiny_ltx(seed), kwargs, strategies, "ltx-video")
+    # in bfloat16 the model's padding bias is -9984, which must still read as padding
+    from swiftfusion_xdit.diffusers_integration import parallelize_transformer
+    bf16 = {k: v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kwargs.items()}
+    with torch.no_grad():
+        reference = _tiny_ltx(seed).bfloat16()(**bf16)[0]
+        model = _tiny_ltx(seed).bfloat16()
+        parallelize_transformer(model, "torus")
+        err = rel_err(model(**bf16)[0], reference)
+    assert err < 2e-2, f"ltx-video bf16 torus: rel err {err:.2e}"
 
 
 def test_ltx_video_matches_single_process_on_two_emulated_machines():
@@ -284,6 +293,8 @@ def test_only_key_padding_masks_reach_torus_attention():
     additive = (1 - keep.float()) * -10000.0  # LTX's bias, repeated over 4 heads
     assert torch.equal(_key_padding(additive[:, None, None, :].expand(2, 4, 1, 3), 2, 3), keep)
     assert torch.equal(_key_padding(additive.masked_fill(~keep, float("-inf")), 2, 3), keep)
+    in_bf16 = (1 - keep.to(torch.bfloat16)) * -10000.0  # -9984 in bfloat16
+    assert torch.equal(_key_padding(in_bf16[:, None, None, :], 2, 3), keep)
     assert _key_padding(torch.full((2, 1, 1, 3), -0.5), 2, 3) is None  # a bias, not padding
     per_head = additive[:, None, None, :].repeat(1, 2, 1, 1)
     per_head[0, 1, 0, 0] = -10000.0
