@@ -4,10 +4,12 @@
 
 Writes ``report.md``, ``latency.png`` (step latency per strategy and
 configuration) and ``speedup.png`` (torus over the best xDiT USP split).
-Limit columns: perfect scaling (one-GPU time / GPUs) and, across machines,
-the communication floor: the inter-machine bytes the strategy must move per
-step (``swiftfusion_xdit.planner.bytes_per_layer``) over the inter-machine
-bandwidth measured in the same session.
+Limit columns: perfect scaling (one-GPU time / GPUs); the compute floor, one
+rank's measured compute for that grid with no communication (eager FLUX rows,
+where the folder holds ``rank_compute.json`` from ``rank_compute.py``); and,
+across machines, the communication floor: the inter-machine bytes the
+strategy must move per step (``swiftfusion_xdit.planner.bytes_per_layer``)
+over the inter-machine bandwidth measured in the same session.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import sys
 
 from swiftfusion_xdit.planner import WAN21_14B, ModelShape, bytes_per_layer
 from swiftfusion_xdit.tiny import FLUX_DEV_TRANSFORMER
-from validate_planner import load_probes, plan_for
+from validate_planner import load_probes, load_rank_compute, measured_for, plan_for
 
 
 def xdit_rows(harness):
@@ -72,16 +74,27 @@ def size_label(row) -> str:
     return f"{row['size']}²" if row["model"] == "flux-dev" else f"Wan {row['size']}"
 
 
-def comm_floor_ms(row, inter_GBps):
-    nodes = int(row["topology"].split("x")[0])
-    if nodes == 1:
-        return None
+def plan_of(row):
+    """The plan a harness row ran (None where the planner has no such plan)."""
     kind = {"torus-nccl": "torus", "diffusers-ulysses": "ulysses", "diffusers-ring": "ring",
             "diffusers-unified": None}.get(row["strategy"], "torus" if "torus" in row["strategy"] else "")
-    shape = model_shape(row)
-    plan = plan_for(kind, row["strategy"], row["gpus"], nodes, shape) if kind is not None else None
+    nodes = int(row["topology"].split("x")[0])
+    return None if kind is None else plan_for(kind, row["strategy"], row["gpus"], nodes, model_shape(row))
+
+
+def compute_floor_ms(row, rank_compute: dict):
+    """One rank's measured compute for the row's grid (eager FLUX.1-dev rows only)."""
+    plan = plan_of(row) if row["model"] == "flux-dev" and not row["compiled"] else None
+    measured = plan and measured_for(rank_compute, row["size"])(plan)
+    return measured.step_ms if measured else None
+
+
+def comm_floor_ms(row, inter_GBps):
+    nodes = int(row["topology"].split("x")[0])
+    plan = plan_of(row) if nodes > 1 else None
     if plan is None:
         return None
+    shape = model_shape(row)
     intra, cross = bytes_per_layer(plan, shape)
     if plan.strategy == "usp" and plan.ulysses > row["gpus"] // nodes:
         cross, intra = cross + intra, 0  # its all-to-all spans machines
@@ -135,20 +148,23 @@ def main(folder):
         c_rows, c_one = xdit_rows(json.load(open(compiled_path)))
         x_rows, x_one = x_rows + c_rows, {**x_one, **c_one}
     d_rows, d_one = diffusers_rows(folder)
+    rank_compute = load_rank_compute(os.path.join(folder, "rank_compute.json"))
     lines = [f"# Harness run on {harness['device']} x {harness['gpus']}", "",
              "Real transformer configs (FLUX.1-dev; Wan 2.1 14B in the video rows), random bf16 "
              "weights.", ""] + link_lines(probes)
     for title, rows, one in (("xDiT runner: median denoising step (ms), after warm-up", x_rows, x_one),
                              ("diffusers: one transformer forward (ms), median of the job's repeats", d_rows, d_one)):
         lines += [f"## {title}", "",
-                  "| topology | size | strategy | ms | vs 1 GPU | perfect scaling ms | comm floor ms | rel err vs 1 GPU |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| topology | size | strategy | ms | vs 1 GPU | perfect scaling ms | compute floor ms | "
+                  "comm floor ms | rel err vs 1 GPU |", "|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(rows, key=lambda r: (r["model"], str(r["size"]), r["topology"], r["ms"])):
             probe = probes.get(r["topology"])
             floor = comm_floor_ms(r, inter_GBps(probe)) if probe else None
+            compute = compute_floor_ms(r, rank_compute)
             base = one[(r["model"], r["size"], r["compiled"])]
             lines.append(f"| {r['topology']} | {size_label(r)} | {shown(r)} | {r['ms']:.1f} | "
                          f"{base / r['ms']:.2f}x | {base / r['gpus']:.1f} | "
+                         f"{'—' if compute is None else f'{compute:.1f}'} | "
                          f"{'—' if floor is None else f'{floor:.0f}'} | {r['rel_err']:.1e} |")
         lines += ["", "One GPU: " + ", ".join(f"{size_label(dict(model=m, size=s))}{' compiled' * c} {t:.1f} ms"
                                            for (m, s, c), t in sorted(one.items(), key=str)), ""]

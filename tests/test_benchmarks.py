@@ -43,8 +43,26 @@ def test_report_takes_every_number_from_the_results_files(tmp_path):
     floor_ms = 2 * 2048 * 3072 * 2 * 57 / (bw * 1e6)
     line = next(l for l in table.splitlines() if l.startswith("| 2x1 | 1024² | xdit-torus-nccl |"))
     columns = [c.strip() for c in line.strip("|").split("|")]
-    assert columns[6] == f"{floor_ms:.0f}"
+    assert columns[7] == f"{floor_ms:.0f}"
+    assert columns[6] == "—"  # no rank_compute.json in that folder
     assert (folder / "latency.png").stat().st_size > 0 and (folder / "speedup.png").stat().st_size > 0
+
+
+def test_report_shows_the_compute_floor_of_a_measured_grid(tmp_path):
+    """With rank_compute.json in the folder, eager FLUX rows whose grid was measured show
+    that rank's compute (USP's ring reads torus kv's grid)."""
+    folder = tmp_path / "run"
+    shutil.copytree(os.path.join(BENCH, "results", "h200x2"), folder)
+    rows = [dict(size=1024, grid="2x1", ranks=2, ulysses=1, torus=2, exchange="kv", compiled=False,
+                 ms=141.5, attention_ms_per_layer=0.25, other_ms_per_layer=2.2)]
+    (folder / "rank_compute.json").write_text(json.dumps({"device": "H", "rows": rows}))
+    report.main(str(folder))
+    table = (folder / "report.md").read_text()
+    for strategy in ("xdit-torus-nccl", "xdit-usp-u1r2", "diffusers-ring"):
+        line = next(l for l in table.splitlines() if l.startswith(f"| 2x1 | 1024² | {strategy} |"))
+        assert [c.strip() for c in line.strip("|").split("|")][6] == "141.5", strategy
+    line = next(l for l in table.splitlines() if l.startswith("| 2x1 | 1024² | xdit-usp-u2r1 |"))
+    assert [c.strip() for c in line.strip("|").split("|")][6] == "—"  # ulysses=2 grid not measured
 
 
 def test_paced_twins_carry_their_link_and_compiled_runs_leave_them_out():
