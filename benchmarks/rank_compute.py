@@ -37,7 +37,7 @@ import torch.distributed as dist
 from flux_device_check import TEXT, build, flux_inputs
 from kernel_breakdown import profile_step
 from swiftfusion_xdit.torus_attention import SPGroups, torus_attention
-from swiftfusion_xdit.transport import join_chunks, split_chunks
+from swiftfusion_xdit.transport import _Done, join_chunks, split_chunks
 from timing import median_ms
 
 # the module, not the function the package exports under the same name
@@ -66,14 +66,6 @@ class _VirtualDist:
         return group.rank if isinstance(group, VirtualGroup) else dist.get_rank(group)
 
 
-class _Ready:
-    def __init__(self, tensor):
-        self.tensor = tensor
-
-    def wait(self):
-        return self.tensor
-
-
 class Loopback:
     """The two-sided transport's local work without its wire: the all-to-all packs
     and unpacks (two copies) around a receive that is our own buffer; the peer
@@ -82,14 +74,14 @@ class Loopback:
     name = "loopback"
 
     def all_to_all(self, x, group, scatter_dim=0, gather_dim=0):
-        packed = split_chunks(x, group.size, scatter_dim).contiguous()
-        return join_chunks(packed, gather_dim).contiguous()
+        packed = split_chunks(x, group.size, scatter_dim).contiguous()  # as TwoSidedTransport packs
+        return join_chunks(packed, gather_dim)
 
     def exchange(self, send, dst, src, group):
-        return _Ready(send)
+        return _Done(send)
 
     def all_gather(self, x, group):
-        return _Ready(x.unsqueeze(0).expand(group.size, *x.shape))
+        return _Done(x.unsqueeze(0).expand(group.size, *x.shape))
 
 
 def use_torus_attention(U: int, T: int, exchange: str) -> None:

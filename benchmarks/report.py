@@ -20,7 +20,7 @@ import sys
 
 from swiftfusion_xdit.planner import WAN21_14B, ModelShape, bytes_per_layer
 from swiftfusion_xdit.tiny import FLUX_DEV_TRANSFORMER
-from validate_planner import load_probes, load_rank_compute, measured_for, plan_for
+from validate_planner import DIFFUSERS, load_probes, load_rank_compute, measured_for, plan_for
 
 
 def xdit_rows(harness):
@@ -76,10 +76,10 @@ def size_label(row) -> str:
 
 def plan_of(row):
     """The plan a harness row ran (None where the planner has no such plan)."""
-    kind = {"torus-nccl": "torus", "diffusers-ulysses": "ulysses", "diffusers-ring": "ring",
-            "diffusers-unified": None}.get(row["strategy"], "torus" if "torus" in row["strategy"] else "")
+    name = row["strategy"]  # diffusers' unified split has no planner plan; xDiT's names carry theirs
+    kind = DIFFUSERS.get(name) if row["path"] == "diffusers" else ("torus" if "torus" in name else "")
     nodes = int(row["topology"].split("x")[0])
-    return None if kind is None else plan_for(kind, row["strategy"], row["gpus"], nodes, model_shape(row))
+    return None if kind is None else plan_for(kind, name, row["gpus"], nodes, model_shape(row))
 
 
 def compute_floor_ms(row, rank_compute: dict):

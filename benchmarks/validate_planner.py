@@ -162,7 +162,7 @@ def main(folder: str, rank_compute: str | None = None):
     out = {"device": f"{harness['device']} x {harness['gpus']}",
            "hardware": {t: h.__dict__ for t, h in sorted(hws.items()) if t != "base"}, "rows": rows, "choices": choices,
            "within_20pct": sum(r["within_20pct"] for r in rows), "configs": len(rows),
-           "rank_compute": rank_compute if table else None, "folder": os.path.basename(os.path.normpath(folder)),
+           "rank_compute": rank_compute if table else None, "rank_compute_same_session": rank_compute == own,
            "within_20pct_measured_compute": sum(r.get("within_20pct_measured", False) for r in rows),
            "configs_measured_compute": sum("predicted_measured_ms" in r for r in rows)}
     with open(os.path.join(folder, "planner_validation.json"), "w") as f:
@@ -202,8 +202,7 @@ def _markdown(out) -> str:
                      f"{hw['latency_us']:.0f} us per collective")
     lines += ["", f"Within 20%: {out['within_20pct']} of {out['configs']} configurations (fitted compute)."]
     if out.get("rank_compute"):
-        apart = "" if os.path.basename(os.path.dirname(out["rank_compute"])) == out["folder"] else \
-            ", measured in another session on the same GPU model"
+        apart = "" if out["rank_compute_same_session"] else ", measured in another session on the same GPU model"
         lines += [f"With one rank's measured compute (`{out['rank_compute']}`{apart}): "
                   f"{out['within_20pct_measured_compute']} of {out['configs_measured_compute']}."]
     lines += ["", "| path | run | topology | size | plan | predicted ms | measured ms | error | "
