@@ -30,12 +30,14 @@ import importlib
 import json
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
 
 from flux_device_check import TEXT, build, flux_inputs
 from kernel_breakdown import profile_step
+from swiftfusion_xdit import block_attention
 from swiftfusion_xdit.torus_attention import SPGroups, torus_attention
 from swiftfusion_xdit.transport import _Done, join_chunks, split_chunks
 from timing import median_ms
@@ -109,13 +111,49 @@ def exchanges(heads: int, U: int, T: int) -> list[str]:
     return ["kv", "a2a"] if T > 1 and heads % (U * T) == 0 else ["kv"]
 
 
-def measure(model, kw, layers: int, compiled: bool, mode: str = "default") -> dict:
-    run = torch.compile(model, mode=mode) if compiled else model
+def compiled_form(model, compiled: bool, mode: str, scope: str):
+    """The model to call: itself, torch.compile of it, or itself with every transformer
+    block compiled (diffusers' regional compilation: one compile per block class, so
+    compile time does not grow with depth or with Torus Attention's block count)."""
+    if not compiled:
+        return model
+    if scope == "model":
+        return torch.compile(model, mode=mode)
+    model.compile_repeated_blocks(mode=mode)
+    return model
+
+
+def uncompile_blocks(model) -> None:
+    """Undo ``compile_repeated_blocks`` (nn.Module.compile keeps the compiled call here)."""
+    for block in model.modules():
+        block._compiled_call_impl = None
+
+
+def measure(model, kw, layers: int, compiled: bool, mode: str = "default",
+            host_ops: bool = False, scope: str = "model") -> dict:
+    run = compiled_form(model, compiled, mode, scope)
     with torch.no_grad():
-        ms = median_ms(lambda: run(**kw), repeats=5, warmup=3 if compiled else 2)
+        start = time.perf_counter()
+        run(**kw)  # compiles, when compiled
+        torch.cuda.synchronize()
+        first_call_s = time.perf_counter() - start
+        ms = median_ms(lambda: run(**kw), repeats=5, warmup=2)
         split = profile_step(lambda: run(**kw), layers)
-    return {"ms": ms, "attention_ms_per_layer": split["attention_ms_per_layer"],
-            "other_ms_per_layer": split["compute_ms_per_layer"]}
+        top = top_host_ops(lambda: run(**kw)) if host_ops and not compiled else None
+    uncompile_blocks(model)  # the next row starts from the eager model
+    return {"ms": ms, "first_call_s": round(first_call_s, 1), "attention_ms_per_layer": split["attention_ms_per_layer"],
+            "other_ms_per_layer": split["compute_ms_per_layer"], **({"host_ops": top} if top else {})}
+
+
+def top_host_ops(step, count: int = 15) -> list[dict]:
+    """Where the host's time goes in one forward: the ops with the most self CPU time
+    (profiled, so slower than unprofiled; the shares are what matter)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+        torch.cuda.synchronize()
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:count]
+    return [{"op": e.key, "calls": e.count, "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 2)}
+            for e in ops]
 
 
 def main():
@@ -124,8 +162,19 @@ def main():
     ap.add_argument("--grids", default="1x1,1x2,1x4,1x8,2x1,4x1,2x2")
     ap.add_argument("--compile-grids", default="1x1,1x4", help="also compiled, at the first size")
     ap.add_argument("--compile-mode", default="default", help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
+    ap.add_argument("--merge", default="fused",
+                    help="LSE merge forms to time, comma-separated: fused (the package's default "
+                         "on CUDA), torch (the PyTorch ops it replaced)")
+    ap.add_argument("--compile-scope", choices=("model", "blocks"), default="model",
+                    help="torch.compile the whole transformer, or each block (regional compilation)")
+    ap.add_argument("--host-ops", action="store_true",
+                    help="also record the ops with the most host time in one eager forward")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    if args.compile_scope == "blocks" and args.compile_mode == "reduce-overhead":
+        # measured on an H200: each block's graph output is overwritten by the next replay
+        ap.error("--compile-scope blocks with reduce-overhead fails (CUDA graphs per block "
+                 "overwrite each other's outputs); use --compile-scope model")
     torus_module.dist = _VirtualDist()
     from swiftfusion_xdit.tiny import FLUX_DEV_TRANSFORMER as config
     layers = config["num_layers"] + config["num_single_layers"]
@@ -140,13 +189,18 @@ def main():
             for exchange in exchanges(config["num_attention_heads"], U, T):
                 use_torus_attention(U, T, exchange)
                 compiled = [False] + ([True] if size == sizes[0] and grid in args.compile_grids.split(",") else [])
-                for c in compiled:
+                # one block (T == 1) merges nothing; compiled runs trace the PyTorch form
+                merges = args.merge.split(",") if T > 1 else ["fused"]
+                for c, merge in [(c, m) for c in compiled for m in (merges if not c else ["fused"])]:
                     torch._dynamo.reset()
+                    block_attention.fused_merge = merge == "fused"
                     row = dict(size=size, grid=grid, ranks=U * T, ulysses=U, torus=T, exchange=exchange,
-                               compiled=c, compile_mode=args.compile_mode if c else None,
+                               compiled=c, compile_mode=args.compile_mode if c else None, merge=merge,
+                               compile_scope=args.compile_scope if c else None,
                                tokens=(size // 16) ** 2 + TEXT)
                     try:
-                        row.update(measure(model, shard(full, U * T), layers, c, args.compile_mode))
+                        row.update(measure(model, shard(full, U * T), layers, c, args.compile_mode,
+                                           args.host_ops, args.compile_scope))
                     except Exception as e:  # keep the other rows; say what failed
                         row["error"] = f"{type(e).__name__}: {e}"[:500]
                     result["rows"].append(row)
@@ -161,19 +215,27 @@ def save(result: dict, folder: str) -> None:
     write_table(result, os.path.join(folder, "rank_compute.md"))
 
 
+def compiled_label(row: dict) -> str:
+    if not row["compiled"]:
+        return "no"
+    return row["compile_mode"] + (" (blocks)" if row.get("compile_scope") == "blocks" else "")
+
+
 def write_table(result: dict, path: str) -> None:
     ok = [r for r in result["rows"] if "ms" in r]
     one = {(r["size"], r["compiled"]): r["ms"] for r in ok if r["ranks"] == 1}
     lines = [f"# One rank's compute per forward, {result['device']}", "",
              f"{result['model']}; {result['what']}. Perfect scaling = one-GPU ms / ranks; "
              "efficiency = perfect / measured.", "",
-             "| size | grid (MxG) | exchange | compiled | ms | perfect ms | efficiency | attention ms/layer | other ms/layer |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| size | grid (MxG) | exchange | merge | compiled | ms | perfect ms | efficiency | attention ms/layer | other ms/layer | first call s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in ok:
         perfect = one.get((r["size"], r["compiled"]), float("nan")) / r["ranks"]
-        lines.append(f"| {r['size']} | {r['grid']} | {r['exchange']} | {r.get('compile_mode') or 'no'} | "
+        lines.append(f"| {r['size']} | {r['grid']} | {r['exchange']} | {r.get('merge', 'torch')} | "
+                     f"{compiled_label(r)} | "
                      f"{r['ms']:.1f} | {perfect:.1f} | {perfect / r['ms']:.2f} | "
-                     f"{r['attention_ms_per_layer']:.3f} | {r['other_ms_per_layer']:.3f} |")
+                     f"{r['attention_ms_per_layer']:.3f} | {r['other_ms_per_layer']:.3f} | "
+                     f"{r.get('first_call_s', '')} |")
     lines += [f"\nFailed: {r['size']} {r['grid']} {r['exchange']} compiled={r['compiled']}: {r['error']}"
               for r in result["rows"] if "error" in r]
     with open(path, "w") as f:

@@ -69,13 +69,14 @@ def load_probes(folder) -> dict[str, dict]:
 
 
 def load_rank_compute(path: str | None) -> dict:
-    """(size, ulysses, across, exchange) -> one rank's measured eager compute for that grid."""
+    """(size, ulysses, across, exchange) -> one rank's measured eager compute for that grid,
+    with the merge the package uses (files from before the fused merge have no ``merge``)."""
     if path is None or not os.path.exists(path):
         return {}
     rows = json.load(open(path))["rows"]
     return {(r["size"], r["ulysses"], r["torus"], r["exchange"]):
             MeasuredCompute(r["ms"], r["attention_ms_per_layer"]) for r in rows
-            if "ms" in r and not r["compiled"]}
+            if "ms" in r and not r["compiled"] and r.get("merge", "fused") == "fused"}
 
 
 def measured_for(table: dict, size: int):

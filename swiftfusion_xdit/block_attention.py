@@ -11,10 +11,15 @@ Kernels are registered by name with the devices they run on; ``pick_kernel``
 chooses the first that fits (cuDNN, then flash, then memory-efficient on CUDA;
 the fused CPU flash kernel on CPU; a float32 reference implementation
 anywhere, used for float64 and for checks).
+
+On CUDA the merge is one Triton launch (``kernels/lse_merge.py``) instead of
+a dozen PyTorch ops; ``SWIFTFUSION_FUSED_MERGE=0`` turns it off. Under
+``torch.compile`` the PyTorch form is traced (Inductor fuses it itself).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
@@ -79,12 +84,34 @@ def pick_kernel(q: torch.Tensor, name: str = "auto") -> Kernel:
     raise AssertionError("unreachable: 'math' supports everything")
 
 
+# read at call time so a benchmark can compare both forms in one process
+fused_merge = os.environ.get("SWIFTFUSION_FUSED_MERGE", "1") != "0"
+_fused = None
+
+
+def _fused_kernel():
+    """The Triton merge, or None without triton (CUDA torch wheels ship it; the PyTorch
+    form gives the same result)."""
+    global _fused
+    if _fused is None:
+        try:
+            from .kernels.lse_merge import merge
+        except ImportError:
+            merge = False
+        _fused = merge
+    return _fused or None
+
+
 def merge_into(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor,
                block_lse: torch.Tensor) -> None:
     """Fold one block's (out, lse) into float32 accumulators, in place.
 
     Rows with no keys yet on either side (lse -inf, out 0: every key masked)
     stay at -inf and 0 instead of turning into NaN."""
+    fused = fused_merge and out.is_cuda and not torch.compiler.is_compiling() and _fused_kernel()
+    if fused:
+        fused(out, lse, block_out, block_lse)
+        return
     new_lse = torch.logaddexp(lse, block_lse)
     ref = torch.where(torch.isneginf(new_lse), 0.0, new_lse)
     out.mul_(torch.exp(lse - ref).unsqueeze(-1))

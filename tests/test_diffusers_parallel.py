@@ -115,10 +115,17 @@ def _check_compiled(rank, world, seed):
     pipe.transformer = torch.compile(pipe.transformer)
     err = rel_err(_latents(pipe, seed), reference)
     assert err < 1e-4, f"compiled torus: rel err {err:.2e}"
+    # regional compilation: each transformer block compiled, Torus Attention inside it,
+    # diffusers' sequence split and gather hooks outside
+    pipe = tiny_flux_pipeline(seed).enable_parallel("torus", output_on_all_ranks=True)
+    pipe.transformer.compile_repeated_blocks()
+    err = rel_err(_latents(pipe, seed), reference)
+    assert err < 1e-4, f"torus with compiled blocks: rel err {err:.2e}"
 
 
 def test_torus_under_torch_compile_on_two_emulated_machines():
-    """torch.compile traces the model around Torus Attention's collectives (inductor on CPU)."""
+    """torch.compile traces the model around Torus Attention's collectives (inductor on CPU),
+    whole or block by block (``compile_repeated_blocks``)."""
     run_ranks(_check_compiled, 2, 1, 13)
 
 
