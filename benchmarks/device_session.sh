@@ -15,6 +15,7 @@
 #   graphs     the diffusers path under torch.compile with CUDA graphs, 1xN (--append)
 #   video      Wan 2.1 14B, 81x480x832, on 1xN and 2x(N/2)                 (--append)
 #   rank-compute  (one GPU is enough) one rank's share of each grid, no communication
+#   threads    (one GPU is enough) Torus Attention on every grid, one thread per rank, vs plain attention
 #   merge      (one GPU is enough) the fused LSE merge: equality, and eager rank compute with each form
 # Appending steps need the earlier steps' folder in the working tree (copy it into
 # benchmarks/results/ and carry its ignored latents.pt files).
@@ -39,6 +40,7 @@ case $step in
       --grids 1x1,1x2,1x4,1x8,2x1,2x2,4x1,2x4,4x2,8x1 --compile-grids 1x1,1x2,1x4 --out "$out"
     run timeout 150 python3 benchmarks/rank_compute.py --sizes 4096 --grids 1x1,1x4,1x8 \
       --compile-grids none --out "$out/4096" ;;
+  threads) run timeout 300 python3 benchmarks/thread_ranks_check.py --out "$out" ;;
   merge)
     run timeout 120 python3 benchmarks/merge_check.py --out "$out"
     run timeout 450 python3 benchmarks/rank_compute.py --sizes 1024,2048 --grids 1x1,2x2,4x1,4x2,8x1 \
@@ -60,5 +62,5 @@ case $step in
   video)     harness --topologies "1x$n,2x$half" --suites video --timeout 280 --append ;;
   *) echo "unknown step $step"; exit 2 ;;
 esac
-case $step in kernels|alltoall|shared|rank-compute|merge) ;; *) run python3 benchmarks/report.py "$out" > /dev/null ;; esac
+case $step in kernels|alltoall|shared|rank-compute|merge|threads) ;; *) run python3 benchmarks/report.py "$out" > /dev/null ;; esac
 exit $fail

@@ -244,3 +244,16 @@ def test_rank_compute_runs_one_ranks_shapes_through_torus_attention(monkeypatch)
             out = model(**rank_compute.shard(kw, U * T))[0]
             assert out.shape == (1, 64 // (U * T), reference.shape[2])
     assert rank_compute.exchanges(24, 1, 4) == ["kv", "a2a"] and rank_compute.exchanges(24, 1, 1) == ["kv"]
+
+
+def test_thread_ranks_check_passes_every_grid_and_catches_a_wrong_merge(tmp_path, monkeypatch):
+    """The one-device equality check (one thread per rank) on CPU: every grid and exchange
+    within tolerance; with a merge that drops every block after the first, it reports failure."""
+    import thread_ranks_check as check
+    grids = ["--grids", "1x2,2x2,3x1,4x1,2x4"]
+    assert check.main(grids + ["--device", "cpu", "--small", "--out", str(tmp_path / "ok")]) == 0
+    result = json.load(open(tmp_path / "ok" / "thread_ranks_check.json"))
+    seen = {(r["grid"], r["exchange"], r["joint"]) for r in result["rows"]}
+    assert ("4x1", "a2a", "padded") in seen and ("2x4", "kv", "keys_only") in seen
+    monkeypatch.setattr(check.torus_module, "merge_into", lambda *args: None)
+    assert check.main(["--grids", "2x1", "--device", "cpu", "--small", "--out", str(tmp_path / "bad")]) == 1
