@@ -110,7 +110,11 @@ def merge_into(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor,
     stay at -inf and 0 instead of turning into NaN."""
     fused = fused_merge and out.is_cuda and not torch.compiler.is_compiling() and _fused_kernel()
     if fused:
-        fused(out, lse, block_out, block_lse)
+        try:
+            fused(out, lse, block_out, block_lse)
+        except Exception as e:  # e.g. Triton cannot build for this GPU: say how to go on
+            raise RuntimeError(f"the fused LSE merge (Triton) failed: {e}. Set "
+                               "SWIFTFUSION_FUSED_MERGE=0 to merge with PyTorch ops instead") from e
         return
     new_lse = torch.logaddexp(lse, block_lse)
     ref = torch.where(torch.isneginf(new_lse), 0.0, new_lse)
