@@ -40,7 +40,7 @@ case $step in
       --grids 1x1,1x2,1x4,1x8,2x1,2x2,4x1,2x4,4x2,8x1 --compile-grids 1x1,1x2,1x4 --out "$out"
     run timeout 150 python3 benchmarks/rank_compute.py --sizes 4096 --grids 1x1,1x4,1x8 \
       --compile-grids none --out "$out/4096" ;;
-  threads) run timeout 300 python3 benchmarks/thread_ranks_check.py --out "$out" ;;
+  threads) run timeout 400 python3 benchmarks/thread_ranks_check.py --flux 1024,2048 --out "$out" ;;
   merge)
     run timeout 120 python3 benchmarks/merge_check.py --out "$out"
     run timeout 450 python3 benchmarks/rank_compute.py --sizes 1024,2048 --grids 1x1,2x2,4x1,4x2,8x1 \

@@ -132,15 +132,17 @@ def uncompile_blocks(model) -> None:
 def measure(model, kw, layers: int, compiled: bool, mode: str = "default",
             host_ops: bool = False, scope: str = "model") -> dict:
     run = compiled_form(model, compiled, mode, scope)
-    with torch.no_grad():
-        start = time.perf_counter()
-        run(**kw)  # compiles, when compiled
-        torch.cuda.synchronize()
-        first_call_s = time.perf_counter() - start
-        ms = median_ms(lambda: run(**kw), repeats=5, warmup=2)
-        split = profile_step(lambda: run(**kw), layers)
-        top = top_host_ops(lambda: run(**kw)) if host_ops and not compiled else None
-    uncompile_blocks(model)  # the next row starts from the eager model
+    try:
+        with torch.no_grad():
+            start = time.perf_counter()
+            run(**kw)  # compiles, when compiled
+            torch.cuda.synchronize()
+            first_call_s = time.perf_counter() - start
+            ms = median_ms(lambda: run(**kw), repeats=5, warmup=2)
+            split = profile_step(lambda: run(**kw), layers)
+            top = top_host_ops(lambda: run(**kw)) if host_ops and not compiled else None
+    finally:
+        uncompile_blocks(model)  # the next row starts from the eager model, also after a failure
     return {"ms": ms, "first_call_s": round(first_call_s, 1), "attention_ms_per_layer": split["attention_ms_per_layer"],
             "other_ms_per_layer": split["compute_ms_per_layer"], **({"host_ops": top} if top else {})}
 
@@ -190,10 +192,10 @@ def main():
                 use_torus_attention(U, T, exchange)
                 compiled = [False] + ([True] if size == sizes[0] and grid in args.compile_grids.split(",") else [])
                 # one block (T == 1) merges nothing; compiled runs trace the PyTorch form
-                merges = args.merge.split(",") if T > 1 else ["fused"]
-                for c, merge in [(c, m) for c in compiled for m in (merges if not c else ["fused"])]:
+                merges = args.merge.split(",") if T > 1 else ["none"]
+                for c, merge in [(c, m) for c in compiled for m in (merges if not c else ["traced"])]:
                     torch._dynamo.reset()
-                    block_attention.fused_merge = merge == "fused"
+                    block_attention.fused_merge = merge != "torch"
                     row = dict(size=size, grid=grid, ranks=U * T, ulysses=U, torus=T, exchange=exchange,
                                compiled=c, compile_mode=args.compile_mode if c else None, merge=merge,
                                compile_scope=args.compile_scope if c else None,

@@ -9,11 +9,19 @@ fused merge) and the real schedule -- over a transport that hands tensors
 between threads (a copy per message; every thread enqueues on the GPU's one
 default stream, so a tensor is complete before any later work reads it).
 Each rank's output shard is compared with float64 attention over the whole
-sequence (bf16: 2e-2 relative, fp32: 1e-5), with joint text tokens in front,
-at the rear, as keys only, and with padded text keys. What it does not
+sequence (bf16: 2e-2 relative, fp32: 1e-5): with the text in the sequence,
+as joint tokens in front, as joint keys only, and with padded text and
+sequence keys (key masks). What it does not
 check: NCCL/NVSHMEM and overlap (nothing runs concurrently), which the
 multi-GPU checks cover. ``--device cpu --small`` runs the same on CPU (a
 test uses it).
+
+``--flux 1024`` does the same for a whole model: every rank-thread runs the
+FLUX.1-dev transformer (real config, random bf16 weights, one copy shared by
+the threads) on its shard of the image and text tokens, as diffusers' plan
+splits them, with its attention going through Torus Attention; the image
+shards joined in rank order must equal the unsharded forward (bf16 2e-2;
+fp32, the tiny CPU model: 1e-4).
 """
 
 from __future__ import annotations
@@ -50,6 +58,12 @@ class Cluster:
     def __init__(self, timeout_s: float = 120.0):
         self.cv, self.box, self.timeout_s = threading.Condition(), {}, timeout_s
         self.local = threading.local()
+        self.failed = False  # a rank raised: the others stop waiting
+
+    def fail(self) -> None:
+        with self.cv:
+            self.failed = True
+            self.cv.notify_all()
 
     @property
     def rank(self) -> int:
@@ -71,8 +85,10 @@ class Cluster:
         dst = group.members.index(self.rank)
         key = (group.name, src, dst, self._next("received", (group.name, src)))
         with self.cv:
-            if not self.cv.wait_for(lambda: key in self.box, timeout=self.timeout_s):
+            if not self.cv.wait_for(lambda: key in self.box or self.failed, timeout=self.timeout_s):
                 raise TimeoutError(f"rank {self.rank} waited {self.timeout_s} s for {key}")
+            if key not in self.box:
+                raise RuntimeError("another rank failed")
             return self.box.pop(key)
 
 
@@ -141,24 +157,21 @@ def grid_groups(rank: int, machines: int, per: int, exchange: str) -> SPGroups:
     return SPGroups(ulysses, torus, exchange)
 
 
-def run_grid(machines: int, per: int, exchange: str, q, k, v, joint, key_mask) -> list:
-    """Every rank's output, each rank a thread over its shard."""
+def on_threads(machines: int, per: int, exchange: str, work) -> list:
+    """``work(rank, groups, transport)`` on one thread per rank of the grid; their results."""
     world = machines * per
     cluster = Cluster()
-    torus_module.dist = ThreadDist(cluster)
-    transport, shard = ThreadTransport(cluster), q.shape[2] // world
+    before, torus_module.dist = torus_module.dist, ThreadDist(cluster)
+    transport = ThreadTransport(cluster)
     outputs, errors = [None] * world, []
 
     def rank_main(rank):
         cluster.local.rank = rank
-        cut = slice(rank * shard, (rank + 1) * shard)
         try:
-            outputs[rank] = torus_attention(
-                q[:, :, cut], k[:, :, cut], v[:, :, cut], grid_groups(rank, machines, per, exchange),
-                joint=joint, transport=transport,
-                key_mask=None if key_mask is None else key_mask[:, cut])
+            outputs[rank] = work(rank, grid_groups(rank, machines, per, exchange), transport)
         except Exception as e:  # reported by the main thread
             errors.append(f"rank {rank}: {type(e).__name__}: {e}")
+            cluster.fail()
 
     threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]
     try:
@@ -167,10 +180,58 @@ def run_grid(machines: int, per: int, exchange: str, q, k, v, joint, key_mask) -
         for th in threads:
             th.join()
     finally:
-        torus_module.dist = dist
+        torus_module.dist = before
     if errors:
         raise RuntimeError("; ".join(errors))
     return outputs
+
+
+def run_grid(machines: int, per: int, exchange: str, q, k, v, joint, key_mask) -> list:
+    """Every rank's Torus Attention output, each rank a thread over its shard."""
+    shard = q.shape[2] // (machines * per)
+
+    def work(rank, groups, transport):
+        cut = slice(rank * shard, (rank + 1) * shard)
+        return torus_attention(q[:, :, cut], k[:, :, cut], v[:, :, cut], groups, joint=joint,
+                               transport=transport,
+                               key_mask=None if key_mask is None else key_mask[:, cut])
+    return on_threads(machines, per, exchange, work)
+
+
+def run_flux(model, kw: dict, machines: int, per: int, exchange: str) -> torch.Tensor:
+    """The transformer on every rank's shard (image and text split as diffusers' Flux plan
+    splits them), attention through Torus Attention; the image shards joined in rank order."""
+    from diffusers.models.transformers import transformer_flux
+    P, original = machines * per, transformer_flux.dispatch_attention_fn
+    calls = threading.local()
+
+    def dispatch(query, key, value, attn_mask=None, *args, **kwargs):
+        q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # diffusers: (B, S, H, D)
+        return torus_attention(q, k, v, calls.groups, transport=calls.transport).transpose(1, 2)
+
+    def work(rank, groups, transport):
+        calls.groups, calls.transport = groups, transport
+        cut = lambda x, dim: x.narrow(dim, rank * (x.shape[dim] // P), x.shape[dim] // P)
+        mine = dict(kw, hidden_states=cut(kw["hidden_states"], 1), img_ids=cut(kw["img_ids"], 0),
+                    encoder_hidden_states=cut(kw["encoder_hidden_states"], 1), txt_ids=cut(kw["txt_ids"], 0))
+        with torch.no_grad():
+            return model(**mine)[0]
+
+    transformer_flux.dispatch_attention_fn = dispatch
+    try:
+        return torch.cat(on_threads(machines, per, exchange, work), dim=1)
+    finally:
+        transformer_flux.dispatch_attention_fn = original
+
+
+def check_flux(model, kw, reference_out, machines, per, exchange, dtype_name) -> dict:
+    start = time.perf_counter()
+    err = rel_err(run_flux(model, kw, machines, per, exchange), reference_out)
+    return {"grid": f"{machines}x{per}", "exchange": exchange, "dtype": dtype_name, "joint": "model",
+            "tokens": kw["hidden_states"].shape[1] + kw["encoder_hidden_states"].shape[1],
+            "text": kw["encoder_hidden_states"].shape[1], "heads": None, "max_rel_err": err,
+            "ok": err < (1e-4 if dtype_name == "float32" else 2e-2),
+            "seconds": round(time.perf_counter() - start, 2)}
 
 
 def reference(q, k, v, joint, keep):
@@ -189,8 +250,9 @@ def reference(q, k, v, joint, keep):
 
 
 def rel_err(a, b) -> float:
+    """Relative error; infinite for non-finite output (so that max() over ranks keeps it)."""
     a, b = a.double(), b.double()
-    return float("nan") if not torch.isfinite(a).all() else ((a - b).norm() / b.norm()).item()
+    return float("inf") if not torch.isfinite(a).all() else ((a - b).norm() / b.norm()).item()
 
 
 def check_case(machines, per, exchange, dtype, joint_kind, tokens, text, heads, dim, device, seed) -> dict:
@@ -200,10 +262,12 @@ def check_case(machines, per, exchange, dtype, joint_kind, tokens, text, heads, 
     joint, key_mask, keep = None, None, None
     if joint_kind != "none":
         text_mask = None
-        if joint_kind == "padded":  # the last quarter of the text is padding
+        if joint_kind == "padded":  # the last quarter of the text, and the last eighth of the sequence
             text_mask = torch.ones(1, text, dtype=torch.bool, device=device)
             text_mask[:, text * 3 // 4:] = False
-            keep = torch.cat((text_mask, torch.ones(1, tokens, dtype=torch.bool, device=device)), 1)
+            key_mask = torch.ones(1, tokens, dtype=torch.bool, device=device)
+            key_mask[:, tokens * 7 // 8:] = False
+            keep = torch.cat((text_mask, key_mask), 1)
         joint = Joint(None if joint_kind == "keys_only" else rand(text), rand(text), rand(text), text_mask)
     start = time.perf_counter()
     outs = run_grid(machines, per, exchange, q, k, v, joint, key_mask)
@@ -231,11 +295,58 @@ def grids_and_exchanges(grids: str, heads: int):
             yield machines, per, "a2a"
 
 
+def tiny_flux(device: str):
+    """A small random Flux transformer and inputs (8 heads, 64 image + 16 text tokens)."""
+    from diffusers import FluxTransformer2DModel
+    from swiftfusion_xdit.tiny import TINY_FLUX_TRANSFORMER
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(**TINY_FLUX_TRANSFORMER).to(device).eval()
+    g = torch.Generator(device=device).manual_seed(1)
+    rand = lambda *shape: torch.randn(*shape, generator=g, device=device)
+    side = torch.arange(8.0, device=device)
+    img_ids = torch.stack(torch.meshgrid(torch.zeros(1, device=device), side, side, indexing="ij"), -1)
+    kw = dict(hidden_states=rand(1, 64, model.config.in_channels),
+              encoder_hidden_states=rand(1, 16, model.config.joint_attention_dim),
+              pooled_projections=rand(1, model.config.pooled_projection_dim),
+              timestep=torch.tensor([0.5], device=device), img_ids=img_ids.reshape(-1, 3),
+              txt_ids=torch.zeros(16, 3, device=device), guidance=torch.tensor([3.5], device=device),
+              return_dict=False)
+    return model, kw
+
+
+def flux_rows(sizes: str, grids: str, device: str, on_row=lambda rows: None) -> list[dict]:
+    """The whole transformer at each size, on every grid whose degrees divide its heads and
+    tokens; ``on_row(rows)`` after each (a time limit keeps what ran)."""
+    model, rows = None, []
+    for size in sizes.split(","):
+        if size == "tiny":
+            model, kw = tiny_flux(device)
+        else:
+            from flux_device_check import build, flux_inputs
+            model = model or build("flux-dev", 0)
+            kw = flux_inputs(size, 0)
+        with torch.no_grad():
+            reference_out = model(**kw)[0]
+        heads = model.config.num_attention_heads
+        image, text = kw["hidden_states"].shape[1], kw["encoder_hidden_states"].shape[1]
+        for machines, per, exchange in grids_and_exchanges(grids, heads):
+            P = machines * per
+            if heads % per or image % P or text % P:
+                continue
+            rows.append(dict(size=size, **check_flux(model, kw, reference_out, machines, per, exchange,
+                                                     str(reference_out.dtype).split(".")[1])))
+            print(json.dumps(rows[-1]), flush=True)
+            on_row(rows)
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--grids", default="1x2,2x1,2x2,1x4,4x1,3x1,2x4,4x2,8x1")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--small", action="store_true", help="a reduced sequence (CPU)")
+    ap.add_argument("--flux", help="also the whole FLUX.1-dev transformer at these image sides "
+                                   "(e.g. 1024,2048; 'tiny': a small random Flux, for CPU)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     heads, dim = 24, 128  # Flux's attention
@@ -253,24 +364,34 @@ def main(argv=None) -> int:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    result = {"device": device, "what": __doc__.split("\n\n")[1].split(".")[0], "rows": rows,
-              "ok": all(r["ok"] for r in rows)}
-    save(result, args.out)
+    result = {"device": device, "rows": rows, "ok": all(r["ok"] for r in rows)}
+    save(result, args.out, "thread_ranks_check",
+         "Every rank's output shard against float64 attention over the whole sequence "
+         "(bf16 within 2e-2, fp32 within 1e-5)")
+    if args.flux:
+        name = "tiny random Flux" if args.flux == "tiny" else \
+            f"FLUX.1-dev transformer (real config, random bf16 weights), {args.flux.replace(',', '² and ')}²"
+        what = f"{name}: the image shards of all ranks joined, against the unsharded forward " \
+               "(bf16 within 2e-2, fp32 within 1e-4)"
+        model = lambda rows: {"device": device, "model": name, "rows": rows, "ok": all(r["ok"] for r in rows)}
+        rows = flux_rows(args.flux, args.grids, args.device,
+                         lambda rows: save(model(rows), args.out, "thread_ranks_flux", what))
+        save(model(rows), args.out, "thread_ranks_flux", what)
+        result["ok"] = result["ok"] and model(rows)["ok"]
     return 0 if result["ok"] else 1
 
 
-def save(result: dict, folder: str) -> None:
+def save(result: dict, folder: str, name: str, what: str) -> None:
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "thread_ranks_check.json"), "w") as f:
+    with open(os.path.join(folder, f"{name}.json"), "w") as f:
         json.dump(result, f, indent=2)
     lines = [f"# Torus Attention, one thread per rank on one device ({result['device']})", "",
-             "Every rank's output shard against float64 attention over the whole sequence "
-             f"(bf16 within 2e-2, fp32 within 1e-5). All within tolerance: {'yes' if result['ok'] else 'NO'}.", "",
+             f"{what}. All within tolerance: {'yes' if result['ok'] else 'NO'}.", "",
              "| grid (MxG) | exchange | dtype | joint text | tokens | max rel err | ok |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['grid']} | {r['exchange']} | {r['dtype']} | {r['joint']} | {r['tokens']} | "
               f"{r['max_rel_err']:.2e} | {'yes' if r['ok'] else 'NO'} |" for r in result["rows"]]
-    with open(os.path.join(folder, "thread_ranks_check.md"), "w") as f:
+    with open(os.path.join(folder, f"{name}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
 

@@ -70,13 +70,14 @@ def load_probes(folder) -> dict[str, dict]:
 
 def load_rank_compute(path: str | None) -> dict:
     """(size, ulysses, across, exchange) -> one rank's measured eager compute for that grid,
-    with the merge the package uses (files from before the fused merge have no ``merge``)."""
+    leaving out rows timed with the PyTorch merge for comparison (``--merge torch``); files
+    from before the fused merge carry no ``merge`` and are taken as they are."""
     if path is None or not os.path.exists(path):
         return {}
     rows = json.load(open(path))["rows"]
     return {(r["size"], r["ulysses"], r["torus"], r["exchange"]):
             MeasuredCompute(r["ms"], r["attention_ms_per_layer"]) for r in rows
-            if "ms" in r and not r["compiled"] and r.get("merge", "fused") == "fused"}
+            if "ms" in r and not r["compiled"] and r.get("merge") != "torch"}
 
 
 def measured_for(table: dict, size: int):

@@ -27,9 +27,9 @@ import triton.language as tl
 def _merge_kernel(out, lse, blk, blk_lse, H, S, D,
                   o_b, o_h, o_s, l_b, l_h, l_s, k_b, k_h, k_s, kl_b, kl_h, kl_s,
                   ROWS: tl.constexpr, COLS: tl.constexpr):
-    bh = tl.program_id(0)
+    bh = tl.program_id(0).to(tl.int64)  # 64-bit offsets: tensors may pass 2**31 elements
     b, h = bh // H, bh % H
-    rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+    rows = tl.program_id(1).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, COLS)
     live = rows < S
     tile = live[:, None] & (cols[None, :] < D)
@@ -41,7 +41,7 @@ def _merge_kernel(out, lse, blk, blk_lse, H, S, D,
     empty = m == float("-inf")
     ref = tl.where(empty, 0.0, m)
     wa, wc = tl.exp(a - ref), tl.exp(c - ref)
-    total = wa + wc
+    total = wa + wc  # in [1, 2] unless the row is empty (then 0): guard only that case
     inv = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, total))
 
     out_ptrs = out + b * o_b + h * o_h + rows[:, None] * o_s + cols[None, :]
@@ -61,6 +61,11 @@ def merge(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor,
     The last dimension of ``out`` and ``block_out`` must be contiguous (every
     attention kernel's output and every row slice of one is)."""
     B, H, S, D = out.shape
+    if block_out.shape != out.shape or lse.shape != out.shape[:3] or block_lse.shape != lse.shape:
+        raise ValueError(f"merge shapes disagree: out {tuple(out.shape)}, lse {tuple(lse.shape)}, "
+                         f"block out {tuple(block_out.shape)}, block lse {tuple(block_lse.shape)}")
+    if out.dtype != torch.float32 or lse.dtype != torch.float32 or block_lse.dtype != torch.float32:
+        raise ValueError("merge accumulates in float32: out, lse and the block's lse must be float32")
     if out.stride(3) != 1 or block_out.stride(3) != 1:
         raise ValueError("merge needs the head dimension contiguous")
     cols = triton.next_power_of_2(D)

@@ -84,7 +84,8 @@ def pick_kernel(q: torch.Tensor, name: str = "auto") -> Kernel:
     raise AssertionError("unreachable: 'math' supports everything")
 
 
-# read at call time so a benchmark can compare both forms in one process
+# the environment is read at import; the attribute at each call, so a benchmark can
+# compare both forms in one process
 fused_merge = os.environ.get("SWIFTFUSION_FUSED_MERGE", "1") != "0"
 _fused = None
 
@@ -108,7 +109,8 @@ def merge_into(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor,
 
     Rows with no keys yet on either side (lse -inf, out 0: every key masked)
     stay at -inf and 0 instead of turning into NaN."""
-    fused = fused_merge and out.is_cuda and not torch.compiler.is_compiling() and _fused_kernel()
+    fused = (fused_merge and out.is_cuda and not torch.compiler.is_compiling()
+             and out.stride(-1) == 1 and block_out.stride(-1) == 1 and _fused_kernel())
     if fused:
         try:
             fused(out, lse, block_out, block_lse)

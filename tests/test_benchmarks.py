@@ -248,12 +248,20 @@ def test_rank_compute_runs_one_ranks_shapes_through_torus_attention(monkeypatch)
 
 def test_thread_ranks_check_passes_every_grid_and_catches_a_wrong_merge(tmp_path, monkeypatch):
     """The one-device equality check (one thread per rank) on CPU: every grid and exchange
-    within tolerance; with a merge that drops every block after the first, it reports failure."""
+    within tolerance, for the attention and for a whole tiny Flux; with a merge that drops
+    every block after the first, both report failure."""
     import thread_ranks_check as check
-    grids = ["--grids", "1x2,2x2,3x1,4x1,2x4"]
-    assert check.main(grids + ["--device", "cpu", "--small", "--out", str(tmp_path / "ok")]) == 0
+    grids = ["--grids", "1x2,2x2,3x1,4x1,2x4", "--device", "cpu", "--small", "--flux", "tiny"]
+    assert check.main(grids + ["--out", str(tmp_path / "ok")]) == 0
     result = json.load(open(tmp_path / "ok" / "thread_ranks_check.json"))
     seen = {(r["grid"], r["exchange"], r["joint"]) for r in result["rows"]}
     assert ("4x1", "a2a", "padded") in seen and ("2x4", "kv", "keys_only") in seen
+    model = json.load(open(tmp_path / "ok" / "thread_ranks_flux.json"))  # the whole tiny Flux
+    assert {(r["grid"], r["exchange"]) for r in model["rows"]} >= {("2x2", "kv"), ("4x1", "a2a"), ("2x4", "a2a")}
     monkeypatch.setattr(check.torus_module, "merge_into", lambda *args: None)
-    assert check.main(["--grids", "2x1", "--device", "cpu", "--small", "--out", str(tmp_path / "bad")]) == 1
+    bad = ["--grids", "2x1", "--device", "cpu", "--small", "--flux", "tiny", "--out", str(tmp_path / "bad")]
+    assert check.main(bad) == 1
+    assert not json.load(open(tmp_path / "bad" / "thread_ranks_flux.json"))["ok"]
+    import torch
+    nan_on_one_rank = [check.rel_err(torch.tensor([1.0, float("nan")]), torch.ones(2)), 0.01]
+    assert max(nan_on_one_rank) == float("inf")  # a NaN rank is the worst, wherever it is

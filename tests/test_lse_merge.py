@@ -27,6 +27,17 @@ def test_fused_merge_matches_pytorch_merge_and_full_attention():
     assert "passed" in done.stdout
 
 
+def test_fused_merge_refuses_tensors_that_do_not_match():
+    """Checked before launch: a wrong shape would read and write out of bounds."""
+    import torch
+    from swiftfusion_xdit.kernels.lse_merge import merge
+    out, lse = torch.zeros(1, 2, 8, 16), torch.zeros(1, 2, 8)
+    with pytest.raises(ValueError, match="shapes disagree"):
+        merge(out, lse, torch.zeros(1, 2, 4, 16), torch.zeros(1, 2, 4))
+    with pytest.raises(ValueError, match="float32"):
+        merge(out.half(), lse, torch.zeros(1, 2, 8, 16), torch.zeros(1, 2, 8))
+
+
 def _pytorch_merge(out, lse, block_out, block_lse):
     import swiftfusion_xdit.block_attention as ba
     assert not out.is_cuda  # CPU tensors take the PyTorch form
