@@ -239,7 +239,13 @@ def candidate_plans(shape: ModelShape, nodes: int, gpus_per_node: int) -> list[P
     for u in (d for d in range(1, gpus_per_node + 1) if gpus_per_node % d == 0):
         t = world // u
         if shape.heads % u == 0:
-            plans.append(Plan("torus", u, t, choose_exchange(shape.heads, u, t)))
+            # both schedules where the heads allow a2a: it moves fewer bytes from T = 3 on,
+            # but kv needs no output return and computes fewer, larger blocks, which wins on
+            # a fast link (and choose_exchange's byte rule cannot see that)
+            exchanges = {choose_exchange(shape.heads, u, t)}
+            if t > 1 and shape.heads % (u * t) == 0:
+                exchanges |= {"kv", "a2a"}
+            plans += [Plan("torus", u, t, e) for e in sorted(exchanges)]
     if world <= shape.layers:  # a stage needs at least one layer
         plans.append(Plan("pipefusion", 1, world))
     return plans

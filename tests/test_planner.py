@@ -126,3 +126,19 @@ def test_measured_rank_compute_replaces_the_fitted_compute():
     pipefusion = Plan("pipefusion", 1, 2)
     assert predict(pipefusion, shape, hw, 1, MeasuredCompute(1.0, 0.0)).step_ms == \
         pytest.approx(predict(pipefusion, shape, hw, 1).step_ms)  # a stage's compute is not that table's
+
+
+def test_planner_weighs_both_torus_schedules_against_the_link():
+    """At four machines a2a moves half of kv's cross-machine bytes but computes more,
+    smaller blocks and returns its output: on a slow link a2a wins, on a fast one kv
+    (with one rank's compute as measured: a2a's eager forward ran 1.9x kv's at 1024²)."""
+    from swiftfusion_xdit.planner import MeasuredCompute
+    shape = ModelShape.flux(FLUX_DEV_TRANSFORMER, 1024, 1024)
+    compute = {"kv": MeasuredCompute(126.0, 0.134), "a2a": MeasuredCompute(236.0, 0.242)}
+    measured = lambda plan: compute.get(plan.exchange) if plan.strategy == "torus" else None
+    best = lambda gbps: next(p.plan for p in rank_plans(shape, Hardware(500.0, 600.0, 200.0, gbps), 4, 1,
+                                                       measured=measured) if p.plan.strategy == "torus")
+    assert {p.plan.exchange for p in rank_plans(shape, Hardware(500.0, 600.0, 200.0, 3.0), 4, 1)
+            if p.plan.strategy == "torus"} == {"kv", "a2a"}
+    assert best(3.0) == Plan("torus", 1, 4, "a2a")
+    assert best(50.0) == Plan("torus", 1, 4, "kv")
