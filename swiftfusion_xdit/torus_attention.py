@@ -416,8 +416,9 @@ def _torus_a2a(qkv, joint: Joint | None, group, transport: Transport, attend: Ke
     T, t = dist.get_world_size(group), dist.get_rank(group)
     n, B, h, c, D = qkv.shape
     by_dest = qkv.reshape(n, B, T, h // T, c, D)  # head sub-group p belongs to torus rank p
-    outgoing = lambda dst: by_dest[:, :, dst].contiguous()
-    slots = _SlotBuffers(outgoing(t), _head_slice(joint, t * (h // T), h // T), T, t, masks)
+    outgoing = lambda dst: by_dest[:, :, dst].contiguous()  # a send buffer for one peer
+    # our own sub-group is copied straight into slot 0, no send buffer needed
+    slots = _SlotBuffers(by_dest[:, :, t], _head_slice(joint, t * (h // T), h // T), T, t, masks)
     last = T - 1
 
     def block(q_rows: slice, k_rows: slice) -> None:
