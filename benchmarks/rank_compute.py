@@ -99,9 +99,9 @@ def use_torus_attention(U: int, T: int, exchange: str) -> None:
     transformer_flux.dispatch_attention_fn = dispatch
 
 
-def shard(kw: dict, P: int) -> dict:
-    """Rank 0's part of the inputs, as diffusers' Flux plan splits them."""
-    cut = lambda x, dim: x.narrow(dim, 0, x.shape[dim] // P)
+def shard(kw: dict, P: int, rank: int = 0) -> dict:
+    """One rank's part of the inputs (rank 0's unless told), as diffusers' Flux plan splits them."""
+    cut = lambda x, dim: x.narrow(dim, rank * (x.shape[dim] // P), x.shape[dim] // P)
     return dict(kw, hidden_states=cut(kw["hidden_states"], 1),
                 encoder_hidden_states=cut(kw["encoder_hidden_states"], 1),
                 img_ids=cut(kw["img_ids"], 0), txt_ids=cut(kw["txt_ids"], 0))

@@ -202,6 +202,7 @@ def run_flux(model, kw: dict, machines: int, per: int, exchange: str) -> torch.T
     """The transformer on every rank's shard (image and text split as diffusers' Flux plan
     splits them), attention through Torus Attention; the image shards joined in rank order."""
     from diffusers.models.transformers import transformer_flux
+    from rank_compute import shard
     P, original = machines * per, transformer_flux.dispatch_attention_fn
     calls = threading.local()
 
@@ -211,11 +212,8 @@ def run_flux(model, kw: dict, machines: int, per: int, exchange: str) -> torch.T
 
     def work(rank, groups, transport):
         calls.groups, calls.transport = groups, transport
-        cut = lambda x, dim: x.narrow(dim, rank * (x.shape[dim] // P), x.shape[dim] // P)
-        mine = dict(kw, hidden_states=cut(kw["hidden_states"], 1), img_ids=cut(kw["img_ids"], 0),
-                    encoder_hidden_states=cut(kw["encoder_hidden_states"], 1), txt_ids=cut(kw["txt_ids"], 0))
         with torch.no_grad():
-            return model(**mine)[0]
+            return model(**shard(kw, P, rank))[0]
 
     transformer_flux.dispatch_attention_fn = dispatch
     try:

@@ -114,6 +114,8 @@ def merge_into(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor,
     if fused:
         try:
             fused(out, lse, block_out, block_lse)
+        except ValueError:  # the kernel's own input checks: a caller's bug, said as it is
+            raise
         except Exception as e:  # e.g. Triton cannot build for this GPU: say how to go on
             raise RuntimeError(f"the fused LSE merge (Triton) failed: {e}. Set "
                                "SWIFTFUSION_FUSED_MERGE=0 to merge with PyTorch ops instead") from e

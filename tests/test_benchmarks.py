@@ -221,20 +221,10 @@ def test_rank_compute_runs_one_ranks_shapes_through_torus_attention(monkeypatch)
     import torch
     import rank_compute
     from diffusers.models.transformers import transformer_flux
-    from swiftfusion_xdit.tiny import TINY_FLUX_TRANSFORMER
+    from thread_ranks_check import tiny_flux
     monkeypatch.setattr(rank_compute.torus_module, "dist", rank_compute._VirtualDist())
     monkeypatch.setattr(transformer_flux, "dispatch_attention_fn", transformer_flux.dispatch_attention_fn)
-    torch.manual_seed(0)
-    model = transformer_flux.FluxTransformer2DModel(**TINY_FLUX_TRANSFORMER).eval()
-    g = torch.Generator().manual_seed(1)
-    img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(8.), torch.arange(8.), indexing="ij"), -1)
-    kw = dict(hidden_states=torch.randn(1, 64, model.config.in_channels, generator=g),
-              encoder_hidden_states=torch.randn(1, 16, model.config.joint_attention_dim, generator=g),
-              pooled_projections=torch.randn(1, model.config.pooled_projection_dim, generator=g),
-              timestep=torch.tensor([0.5]), img_ids=img_ids.reshape(-1, 3), txt_ids=torch.zeros(16, 3),
-              return_dict=False)
-    if model.config.guidance_embeds:
-        kw["guidance"] = torch.tensor([3.5])
+    model, kw = tiny_flux("cpu")
     with torch.no_grad():
         reference = model(**kw)[0]
         rank_compute.use_torus_attention(1, 1, "kv")
