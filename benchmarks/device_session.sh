@@ -17,6 +17,8 @@
 #   rank-compute  (one GPU is enough) one rank's share of each grid, no communication
 #   threads    (one GPU is enough) Torus Attention on every grid, one thread per rank, vs plain attention
 #   merge      (one GPU is enough) the fused LSE merge: equality, and eager rank compute with each form
+#   smoke      (one-GPU machines) the harness end to end as topology 1x1 (new OUT_FOLDER): its code
+#              paths, and torus's own overhead beside xDiT's USP at one rank
 # Appending steps need the earlier steps' folder in the working tree (copy it into
 # benchmarks/results/ and carry its ignored latents.pt files).
 set -uo pipefail
@@ -54,6 +56,7 @@ case $step in
     CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=25 run timeout 150 torchrun --nproc-per-node 4 \
       benchmarks/shared_gpu_check.py --machines 2 --out "$out"
     echo quit | nvidia-cuda-mps-control ;;
+  smoke)     harness --topologies 1x1 --sizes 1024 --diffusers-sizes 1024 --timeout 150 ;;
   harness-1) harness --topologies "1x$n,2x$half" --sizes 1024 --timeout 240 ;;
   harness-2) harness --topologies "${n}x1,2x${half}p50,${n}x1p50" --sizes 1024 --timeout 240 --append ;;
   compiled)  harness --topologies "1x$n,2x$half" --sizes 1024 --suites xdit --compile --timeout 300 --append ;;

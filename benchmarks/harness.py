@@ -134,7 +134,8 @@ def build_plan(args, g: int) -> tuple[list[str], list[tuple]]:
                 run_dir = os.path.join(args.out, f"xdit_{size}_{topo}_{name}{tag}")
                 plan.append(("xdit", f"{name} {topo} {size}", nproc, "xdit_random_flux.py",
                              job_args + ["--output_directory", run_dir], run_dir, paced_env(nodes, gbps)))
-    strategies = ["torus-nccl", "torus-nvshmem", "diffusers-ulysses", "diffusers-ring"]
+    strategies = ["torus-nccl", "torus-nvshmem"]
+    strategies += ["diffusers-ulysses", "diffusers-ring"] if g >= 2 else []  # diffusers refuses degree 1
     strategies += ["diffusers-unified"] if g >= 4 else []
     models = [("diffusers", "flux-dev", args.diffusers_sizes, 5), ("video", "wan2.1-14b", args.video_sizes, 3)]
     for suite, model, model_sizes, repeats in models:

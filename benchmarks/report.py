@@ -30,7 +30,7 @@ def xdit_rows(harness):
         r = row.get("result")
         if row["kind"] != "xdit" or r is None:
             continue
-        if r["world"] == 1:
+        if row["name"].startswith("xdit 1 GPU"):  # the reference (a 1x1 topology row is a row)
             one_gpu[("flux-dev", r["height"], compiled)] = r["median_step_ms"]
             continue
         name, topo = row["name"].split()[:2]
@@ -193,6 +193,8 @@ def plot(folder, rows, speedups, device):
     import matplotlib.pyplot as plt
 
     configs = sorted({(r["path"], r["topology"], r["model"], str(r["size"])) for r in rows})
+    if not configs:
+        return
     fig, axes = plt.subplots(1, len(configs), figsize=(3.2 * len(configs), 4), squeeze=False)
     for ax, (path, topo, model, size) in zip(axes[0], configs):
         group = sorted((r for r in rows if (r["path"], r["topology"], r["model"], str(r["size"]))
@@ -205,6 +207,8 @@ def plot(folder, rows, speedups, device):
     fig.suptitle(f"real configs, random weights, {device}", fontsize=10)
     fig.tight_layout()
     fig.savefig(os.path.join(folder, "latency.png"), dpi=110)
+    if not speedups:
+        return
     fig, ax = plt.subplots(figsize=(4, 3))
     ax.bar([s[0] for s in speedups], [s[1] for s in speedups], color="tab:red")
     ax.axhline(1.0, color="black", linewidth=0.8)

@@ -255,3 +255,24 @@ def test_thread_ranks_check_passes_every_grid_and_catches_a_wrong_merge(tmp_path
     import torch
     nan_on_one_rank = [check.rel_err(torch.tensor([1.0, float("nan")]), torch.ones(2)), 0.01]
     assert max(nan_on_one_rank) == float("inf")  # a NaN rank is the worst, wherever it is
+
+
+def test_report_of_a_one_gpu_smoke_run_keeps_its_reference_and_its_1x1_rows(tmp_path):
+    """A one-GPU machine runs the harness as 1x1: the reference is the "xdit 1 GPU" job
+    (not the last job that ran on one rank), and the 1x1 jobs are rows of their own."""
+    folder = tmp_path / "run"
+    shutil.copytree(os.path.join(BENCH, "results", "smoke_1gpu_h100"), folder)
+    rows = {r["name"]: r["result"] for r in json.load(open(folder / "harness.json"))["rows"]
+            if r.get("result")}
+    report.main(str(folder))
+    table = (folder / "report.md").read_text()
+    assert f"One GPU: 1024² {rows['xdit 1 GPU 1024']['median_step_ms']:.1f} ms" in table
+    torus = rows["xdit-torus-nccl 1x1 1024"]["median_step_ms"]
+    assert f"| 1x1 | 1024² | xdit-torus-nccl | {torus:.1f} |" in table
+    # and the harness leaves diffusers' native context parallelism out at one GPU (it
+    # refuses degree 1), keeping torus on the diffusers path
+    import argparse
+    args = argparse.Namespace(topologies="1x1", paced_gbps=None, compile=False, suites="diffusers",
+                              sizes="1024", diffusers_sizes="1024", video_sizes="", steps=4, out="o")
+    (job,) = harness.build_plan(args, 1)[1]
+    assert job[4][job[4].index("--strategies") + 1] == "torus-nccl,torus-nvshmem"
