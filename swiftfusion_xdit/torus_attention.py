@@ -74,7 +74,7 @@ import torch.distributed as dist
 from torch.profiler import record_function
 
 from .block_attention import Kernel, attend_kept, merge_into, pick_kernel
-from .transport import Transport, TransportPair, default_transport, join_chunks
+from .transport import Transport, TransportPair, default_transport, join_chunks, split_chunks
 
 
 @dataclass
@@ -130,7 +130,7 @@ def torus_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: S
     if k.shape[2] != q.shape[2]:
         return _attend_gathered_keys(q, k, v, groups, pair, attend, scale, key_mask, joint)
 
-    qkv = _seq_to_heads(torch.stack((q, k, v)), groups.ulysses, pair.ulysses)
+    qkv = _seq_to_heads((q, k, v), groups.ulysses, pair.ulysses)
     u = dist.get_rank(groups.ulysses) if U > 1 else 0
     joint = _head_slice(joint, u * (H // U), H // U)
     masks = None
@@ -189,11 +189,19 @@ def _post(transport: Transport, send: torch.Tensor, dst: int, src: int, group):
 
 # --- Ulysses: sequence <-> heads inside a machine ------------------------------------------
 
-def _seq_to_heads(x: torch.Tensor, group, transport: Transport) -> torch.Tensor:
-    """(n, B, H, s, D) sharded by sequence -> (n, B, H/U, U*s, D) sharded by heads."""
+def _seq_to_heads(qkv: tuple[torch.Tensor, ...], group, transport: Transport):
+    """(q, k, v), each (B, H, s, D) sharded by sequence -> (3, B, H/U, U*s, D) sharded by heads.
+
+    The three go straight into the all-to-all's send layout, chunk-major by
+    destination: one copy each, read from the caller's (often transposed) views.
+    Stacking them first and letting the transport split the heads copied twice.
+    With U == 1 nothing moves and the caller's tensors are used as they are.
+    """
     if group is None or dist.get_world_size(group) == 1:
-        return x
-    return _all_to_all(transport, x, group, scatter_dim=2, gather_dim=3)
+        return qkv
+    U = dist.get_world_size(group)
+    send = torch.stack([split_chunks(x, U, 1) for x in qkv], dim=1)  # (U, 3, B, H/U, s, D)
+    return _all_to_all(transport, send.flatten(0, 1), group, scatter_dim=0, gather_dim=3)
 
 
 def _heads_to_seq(x: torch.Tensor, group, transport: Transport) -> torch.Tensor:
@@ -329,7 +337,8 @@ def _torus_kv(qkv, joint: Joint | None, group, transport: Transport, attend: Ker
     q, k, v = qkv
     jq = None if joint is None else joint.q
     q_all = _with_joint(q, jq)
-    kv_own = qkv[1:].contiguous()
+    # one send buffer for K and V (free when the all-to-all returned them stacked)
+    kv_own = qkv[1:].contiguous() if torch.is_tensor(qkv) else torch.stack(qkv[1:])
     with record_function("torus_exchange"):
         incoming = _kv_arrivals(transport, kv_own, t, T, group)
         next(incoming)  # start the exchange; the local block runs under it
@@ -376,13 +385,12 @@ class _SlotBuffers:
     the chunk of torus rank t-a, so "slots 0..a" is one contiguous view.
     """
 
-    def __init__(self, own: torch.Tensor, joint: Joint | None, T: int, t: int,
-                 masks: _KeyMasks | None):
-        _, B, h, c, D = own.shape
+    def __init__(self, own, joint: Joint | None, T: int, t: int, masks: _KeyMasks | None):
+        B, h, c, D = own[0].shape  # own: our chunk's Q, K, V (any sequence of three)
         self.c, self.T = c, T
         self.nq = 0 if joint is None or joint.q is None else joint.q.shape[2]
         self.nk = 0 if joint is None else joint.k.shape[2]
-        new = lambda n: own.new_empty(B, h, n + T * c, D)
+        new = lambda n: own[0].new_empty(B, h, n + T * c, D)
         self.q, self.k, self.v = new(self.nq), new(self.nk), new(self.nk)
         if self.nq:
             self.q[:, :, : self.nq] = joint.q
@@ -396,7 +404,7 @@ class _SlotBuffers:
             chunks = [masks.machines[(t - a) % T] for a in range(T)]
             self.keep = torch.cat(([masks.joint] if self.nk else []) + chunks, dim=1)
 
-    def fill(self, slot: int, qkv: torch.Tensor) -> None:
+    def fill(self, slot: int, qkv) -> None:
         for buf, n, x in ((self.q, self.nq, qkv[0]), (self.k, self.nk, qkv[1]),
                           (self.v, self.nk, qkv[2])):
             buf[:, :, n + slot * self.c: n + (slot + 1) * self.c] = x
@@ -414,11 +422,12 @@ def _torus_a2a(qkv, joint: Joint | None, group, transport: Transport, attend: Ke
                masks: _KeyMasks | None):
     """All-to-all across machines in T-1 shifted steps, overlapped with attention."""
     T, t = dist.get_world_size(group), dist.get_rank(group)
-    n, B, h, c, D = qkv.shape
-    by_dest = qkv.reshape(n, B, T, h // T, c, D)  # head sub-group p belongs to torus rank p
-    outgoing = lambda dst: by_dest[:, :, dst].contiguous()  # a send buffer for one peer
+    B, h, c, D = qkv[0].shape
+    by_dest = [x.unflatten(1, (T, h // T)) for x in qkv]  # head sub-group p belongs to torus rank p
+    outgoing = lambda dst: torch.stack([x[:, dst] for x in by_dest])  # a send buffer for one peer
     # our own sub-group is copied straight into slot 0, no send buffer needed
-    slots = _SlotBuffers(by_dest[:, :, t], _head_slice(joint, t * (h // T), h // T), T, t, masks)
+    slots = _SlotBuffers([x[:, t] for x in by_dest], _head_slice(joint, t * (h // T), h // T), T, t,
+                         masks)
     last = T - 1
 
     def block(q_rows: slice, k_rows: slice) -> None:
@@ -449,7 +458,7 @@ def _torus_a2a(qkv, joint: Joint | None, group, transport: Transport, attend: Ke
             returns[b] = _send_output(slots, b, t, T, group, transport)
         block(slots.q_rows(0, 1, True), slots.k_rows(last, last + 1, False))
 
-    dtype = qkv.dtype
+    dtype = qkv[0].dtype
     own = slots.out[:, :, slots.q_rows(0, 1, False)].to(dtype)
     parts = {t: own}
     for b, pend in returns.items():  # output step b brings our chunk from torus rank t+b

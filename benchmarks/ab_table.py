@@ -1,0 +1,68 @@
+"""Join ab_builds.sh's two builds into one table: ab.md (and ab.json) in its folder.
+
+    python benchmarks/ab_table.py FOLDER
+"""
+
+import json
+import os
+import sys
+
+
+def load(path: str):
+    return json.load(open(path)) if os.path.exists(path) else None
+
+
+def rank_rows(folder: str, build: str) -> dict:
+    result = load(os.path.join(folder, f"rank_compute_{build}", "rank_compute.json")) or {"rows": []}
+    return {(r["grid"], r["exchange"]): r for r in result["rows"] if "ms" in r}
+
+
+def gpu_ms_per_layer(row: dict) -> float:
+    return row["attention_ms_per_layer"] + row["other_ms_per_layer"]
+
+
+def xdit_result(folder: str, label: str):
+    """The runner's result.json, else the last JSON line of its log (the device call may
+    not bring every file back)."""
+    result = load(os.path.join(folder, f"xdit_{label}", "result.json"))
+    log = os.path.join(folder, f"xdit_{label}.log")
+    if result is None and os.path.exists(log):
+        lines = [l for l in open(log) if l.startswith('{"device"')]
+        result = json.loads(lines[-1]) if lines else None
+    return result
+
+
+def main(folder: str) -> None:
+    old, new = rank_rows(folder, "old"), rank_rows(folder, "new")
+    xdit = {label: xdit_result(folder, label) for label in ("torus_old", "torus_new", "usp")}
+    device = next((r["device"] for r in xdit.values() if r), None) or \
+        (load(os.path.join(folder, "rank_compute_new", "rank_compute.json")) or {}).get("device")
+    lines = [f"# Two builds side by side, {device}", "",
+             "Same GPU, same device call, each build in its own processes. One rank's eager "
+             "FLUX.1-dev forward at 1024² (`rank_compute.py`): GPU time per layer from the "
+             "profiler (attention + other kernels), and the wall time per forward, which small "
+             "shards leave bound by the host's launches (so it jitters between processes). "
+             "new / old < 1 is faster.", "",
+             "| grid (MxG) | exchange | old GPU ms/layer | new GPU ms/layer | new / old | "
+             "old wall ms | new wall ms |", "|---|---|---|---|---|---|---|"]
+    for key in sorted(set(old) & set(new)):
+        a, b = gpu_ms_per_layer(old[key]), gpu_ms_per_layer(new[key])
+        lines.append(f"| {key[0]} | {key[1]} | {a:.3f} | {b:.3f} | {b / a:.3f} | "
+                     f"{old[key]['ms']:.1f} | {new[key]['ms']:.1f} |")
+    lines += ["", "xDiT's runner at one rank, 1024², median step ms (`xdit_random_flux.py`):", "",
+              "| run | ms per step |", "|---|---|"]
+    for label, r in xdit.items():
+        lines.append(f"| {label} | {r['median_step_ms']:.1f} |" if r else f"| {label} | failed |")
+    with open(os.path.join(folder, "ab.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    rows = [dict(grid=g, exchange=e, old_ms=old[(g, e)]["ms"], new_ms=new[(g, e)]["ms"],
+                 old_gpu_ms_per_layer=gpu_ms_per_layer(old[(g, e)]),
+                 new_gpu_ms_per_layer=gpu_ms_per_layer(new[(g, e)])) for g, e in sorted(set(old) & set(new))]
+    with open(os.path.join(folder, "ab.json"), "w") as f:
+        json.dump(dict(device=device, rank_compute=rows,
+                       xdit={k: v and v["median_step_ms"] for k, v in xdit.items()}), f, indent=2)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
