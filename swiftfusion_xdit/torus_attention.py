@@ -145,8 +145,6 @@ def torus_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: S
         out, joint_out = _torus_kv(qkv, joint, groups.torus, pair.torus, attend, scale, masks)
 
     out = _heads_to_seq(out, groups.ulysses, pair.ulysses)
-    if U > 1 and getattr(pair.ulysses, "borrows_buffers", False):
-        out = out.clone()  # the transport reuses that buffer two calls later; the caller keeps ours
     if joint is None or joint.q is None:
         return out
     if exchange == "a2a" and T > 1:
@@ -205,10 +203,28 @@ def _seq_to_heads(qkv: tuple[torch.Tensor, ...], group, transport: Transport):
 
 
 def _heads_to_seq(x: torch.Tensor, group, transport: Transport) -> torch.Tensor:
-    """(B, H/U, U*s, D) sharded by heads -> (B, H, s, D) sharded by sequence."""
+    """(B, H/U, U*s, D) sharded by heads -> (B, H, s, D) sharded by sequence, sequence-major.
+
+    The unpacking copy lands in a buffer of our own (a transport that lends its
+    buffers gets them back) laid out as (B, s, H, D), see ``seq_major``.
+    """
     if group is None or dist.get_world_size(group) == 1:
         return x
-    return _all_to_all(transport, x, group, scatter_dim=2, gather_dim=1)
+    U = dist.get_world_size(group)
+    B, h, _, D = x.shape
+    recv = _all_to_all(transport, x, group, scatter_dim=2, gather_dim=0).view(U, B, h, -1, D)
+    out = x.new_empty(B, recv.shape[3], U, h, D)
+    out.copy_(recv.permute(1, 3, 0, 2, 4))
+    return out.flatten(2, 3).transpose(1, 2)
+
+
+def seq_major(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An empty (B, H, S, D) tensor stored as (B, S, H, D).
+
+    diffusers' and xfuser's processors turn attention's output into (B, S, H*D)
+    next; from this layout that is a view instead of a copy."""
+    B, H, S, D = shape
+    return like.new_empty(B, S, H, D, dtype=dtype or like.dtype).transpose(1, 2)
 
 
 def _head_slice(joint: Joint | None, start: int, count: int) -> Joint | None:
@@ -348,7 +364,7 @@ def _torus_kv(qkv, joint: Joint | None, group, transport: Transport, attend: Ker
     for step, kv in enumerate(incoming, start=1):  # step s brings torus rank t-s's K,V
         _attend_into(attend, scale, q_all, kv[0], kv[1], out, lse,
                      masks and masks.machines[(t - step) % T])
-    out = out.to(q.dtype)
+    out = seq_major(out.shape, out, q.dtype).copy_(out)
     nj = 0 if jq is None else jq.shape[2]
     return out[:, :, nj:], out[:, :, :nj]
 
@@ -458,12 +474,12 @@ def _torus_a2a(qkv, joint: Joint | None, group, transport: Transport, attend: Ke
             returns[b] = _send_output(slots, b, t, T, group, transport)
         block(slots.q_rows(0, 1, True), slots.k_rows(last, last + 1, False))
 
-    dtype = qkv[0].dtype
-    own = slots.out[:, :, slots.q_rows(0, 1, False)].to(dtype)
-    parts = {t: own}
+    dtype, sub = qkv[0].dtype, h // T
+    out = seq_major((B, h, c, D), qkv[0])
+    out[:, t * sub:(t + 1) * sub] = slots.out[:, :, slots.q_rows(0, 1, False)]
     for b, pend in returns.items():  # output step b brings our chunk from torus rank t+b
-        parts[(t + b) % T] = pend.wait()
-    out = torch.cat([parts[p] for p in range(T)], dim=1)
+        p = (t + b) % T
+        out[:, p * sub:(p + 1) * sub] = pend.wait()
     joint_out = slots.out[:, :, : slots.nq].to(dtype)
     return out, joint_out
 

@@ -40,7 +40,7 @@ import torch.distributed as dist
 
 from .mesh import LayoutError, TorusLayout, build_mesh, plan_layout
 from .topology import detect_topology
-from .torus_attention import Joint, SPGroups, torus_attention
+from .torus_attention import Joint, SPGroups, seq_major, torus_attention
 from .transport import resolve_transports
 
 log = logging.getLogger(__name__)
@@ -241,8 +241,15 @@ def torus_usp(query, key, value, dropout_p=0.0, is_causal=False, joint_query=Non
     if joint is None:
         return result
     out, joint_out = result
-    parts = (joint_out, out) if joint_strategy == "front" else (out, joint_out)
-    return torch.cat(parts, dim=2)
+    B, H, s, D = out.shape
+    nj = joint_out.shape[2]
+    # sequence-major, so that xfuser's transpose(1, 2).reshape(B, S, H*D) after USP is a view
+    full = seq_major((B, H, nj + s, D), out)
+    joint_rows, own_rows = (slice(0, nj), slice(nj, None)) if joint_strategy == "front" else \
+        (slice(s, None), slice(0, s))
+    full[:, :, joint_rows] = joint_out
+    full[:, :, own_rows] = out
+    return full
 
 
 def _local_key_mask(attention_kwargs, query: torch.Tensor) -> torch.Tensor | None:

@@ -76,6 +76,9 @@ def _check_grid(rank, world, nodes, per_node, seed, heads, exchange, peer_steps=
         result = torus_attention(*local, groups, joint=joint,
                                  transport=PeerStepsOnly() if peer_steps else None)
         out, joint_out = result if isinstance(result, tuple) else (result, None)
+        if joint_kind in ("none", "kv_only"):  # with joint queries xfuser's USP contract joins both
+            # stored (B, S, H, D): the processors' reshape to (B, S, H*D) that follows is a view
+            assert out.transpose(1, 2).is_contiguous(), f"output strides {out.stride()}"
         ref, joint_ref = reference(*full, joint)
         err = rel_err(out, ref[:, :, lo:lo + shard])
         assert err < TOL[dtype], f"{dtype} joint={joint_kind} tokens={tokens}: rel err {err:.2e}"

@@ -113,6 +113,8 @@ def _config_flow(rank, world, seed):
         ref, jref = reference(*full, Joint(jq, jk, jv))
         expect = torch.cat((jref, ref[:, :, sl]) if strategy == "front" else (ref[:, :, sl], jref), 2)
         assert rel_err(out, expect) < 1e-5, strategy
+        # stored (B, S, H, D): xfuser's transpose(1, 2).reshape(B, S, H*D) after USP is a view
+        assert out.transpose(1, 2).is_contiguous(), strategy
     out = flux.USP(*(x[:, :, sl] for x in full))
     assert rel_err(out, reference(*full)[0][:, :, sl]) < 1e-5
     # Lumina2's calls: grouped-query K/V (12 K/V heads for 24 queries) and a boolean
