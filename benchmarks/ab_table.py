@@ -1,6 +1,6 @@
-"""Join ab_builds.sh's two builds into one table: ab.md (and ab.json) in its folder.
+"""Join ab_builds.sh's two builds into one table: ab.md, ab.json and ab.png in its folder.
 
-    python benchmarks/ab_table.py FOLDER
+    python benchmarks/ab_table.py FOLDER [--plot-only]   (--plot-only: redraw ab.png from ab.json)
 """
 
 import json
@@ -62,7 +62,28 @@ def main(folder: str) -> None:
         json.dump(dict(device=device, rank_compute=rows,
                        xdit={k: v and v["median_step_ms"] for k, v in xdit.items()}), f, indent=2)
     print("\n".join(lines))
+    plot(folder)
+
+
+def plot(folder: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ab = json.load(open(os.path.join(folder, "ab.json")))
+    rows = ab["rank_compute"]
+    labels = [f"{r['grid']} {r['exchange']}" for r in rows]
+    ratios = [r["new_gpu_ms_per_layer"] / r["old_gpu_ms_per_layer"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.bar(labels, ratios, color="tab:red")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_ylim(min(ratios + [1.0]) - 0.03, max(ratios + [1.0]) + 0.02)
+    ax.set_ylabel("new / old GPU ms per layer")
+    ax.set_title(f"one rank's FLUX.1-dev forward, 1024², {ab['device']}", fontsize=9)
+    ax.tick_params(axis="x", labelsize=7, rotation=45)
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "ab.png"), dpi=110)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    plot(sys.argv[1]) if "--plot-only" in sys.argv else main(sys.argv[1])

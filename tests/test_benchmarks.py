@@ -276,3 +276,20 @@ def test_report_of_a_one_gpu_smoke_run_keeps_its_reference_and_its_1x1_rows(tmp_
                               sizes="1024", diffusers_sizes="1024", video_sizes="", steps=4, out="o")
     (job,) = harness.build_plan(args, 1)[1]
     assert job[4][job[4].index("--strategies") + 1] == "torus-nccl,torus-nvshmem"
+
+
+def test_ab_table_joins_two_builds_by_grid_and_compares_gpu_time(tmp_path):
+    import ab_table
+    for build, other in (("old", 2.0), ("new", 1.5)):
+        rows = [dict(grid="2x2", exchange="kv", ms=100.0, attention_ms_per_layer=0.5,
+                     other_ms_per_layer=other),
+                dict(grid="4x1", exchange="a2a", error="failed")]  # a failed row is left out
+        os.makedirs(tmp_path / f"rank_compute_{build}")
+        json.dump(dict(device="GPU X", rows=rows), open(tmp_path / f"rank_compute_{build}" / "rank_compute.json", "w"))
+    (tmp_path / "xdit_usp.log").write_text('noise\n{"device": "GPU X", "median_step_ms": 181.5}\n')
+    ab_table.main(str(tmp_path))
+    table = (tmp_path / "ab.md").read_text()
+    assert "| 2x2 | kv | 2.500 | 2.000 | 0.800 | 100.0 | 100.0 |" in table  # GPU ms/layer = attention + other
+    assert "4x1" not in table
+    assert "| usp | 181.5 |" in table and "| torus_old | failed |" in table  # from the log's JSON line
+    assert (tmp_path / "ab.png").stat().st_size > 0
