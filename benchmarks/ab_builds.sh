@@ -33,4 +33,5 @@ for build in old new; do
 done
 PYTHONPATH=/tmp/site xdit usp --sp-strategy usp
 run python3 benchmarks/ab_table.py "$out"
+if [ -n "${OUT:-}" ]; then run bash benchmarks/pack_out.sh "$out" ab; fi  # one returned file, not dozens
 exit $fail

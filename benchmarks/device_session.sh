@@ -19,8 +19,13 @@
 #   merge      (one GPU is enough) the fused LSE merge: equality, and eager rank compute with each form
 #   smoke      (one-GPU machines) the harness end to end as topology 1x1 (new OUT_FOLDER): its code
 #              paths, and torus's own overhead beside xDiT's USP at one rank
-# Appending steps need the earlier steps' folder in the working tree (copy it into
+# Appending steps need the earlier steps' folder in the working tree (unpack it into
 # benchmarks/results/ and carry its ignored latents.pt files).
+#
+# A device call brings back at most 8 files (see the device tool's README), and a harness
+# folder holds dozens. So, where the device tool's $OUT is set, the step ends with
+# pack_out.sh: OUT_FOLDER becomes $OUT/NAME-STEP.tgz (and NAME-STEP-latents.tgz). Unpack
+# here with: tar xzf /work/.device/N/NAME-STEP.tgz -C benchmarks/results/
 set -uo pipefail
 step=$1 out=$2
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -66,4 +71,5 @@ case $step in
   *) echo "unknown step $step"; exit 2 ;;
 esac
 case $step in kernels|alltoall|shared|rank-compute|merge|threads) ;; *) run python3 benchmarks/report.py "$out" > /dev/null ;; esac
+if [ -n "${OUT:-}" ] && [ -d "$out" ]; then run bash benchmarks/pack_out.sh "$out" "$step"; fi
 exit $fail

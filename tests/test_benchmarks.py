@@ -293,3 +293,23 @@ def test_ab_table_joins_two_builds_by_grid_and_compares_gpu_time(tmp_path):
     assert "4x1" not in table
     assert "| usp | 181.5 |" in table and "| torus_old | failed |" in table  # from the log's JSON line
     assert (tmp_path / "ab.png").stat().st_size > 0
+
+
+def test_a_device_step_leaves_one_archive_of_its_folder_under_out(tmp_path):
+    """A device call returns at most 8 files: the step's folder goes back as one archive (and
+    its latents as another), and the loose copy under $OUT is removed."""
+    import subprocess
+    import tarfile
+    out = tmp_path / "out"
+    run = out / "h"
+    (run / "xdit_1024_1gpu").mkdir(parents=True)
+    (run / "harness.json").write_text("{}")
+    (run / "xdit_1024_1gpu" / "result.json").write_text("{}")
+    (run / "xdit_1024_1gpu" / "latents.pt").write_bytes(b"x")
+    subprocess.run(["bash", os.path.join(BENCH, "pack_out.sh"), str(run), "harness-1"], check=True,
+                   env={**os.environ, "OUT": str(out)})
+    assert sorted(p.name for p in out.iterdir()) == ["h-harness-1-latents.tgz", "h-harness-1.tgz"]
+    with tarfile.open(out / "h-harness-1.tgz") as t:
+        assert sorted(t.getnames()) == ["h", "h/harness.json", "h/xdit_1024_1gpu", "h/xdit_1024_1gpu/result.json"]
+    with tarfile.open(out / "h-harness-1-latents.tgz") as t:
+        assert t.getnames() == ["h/xdit_1024_1gpu/latents.pt"]
