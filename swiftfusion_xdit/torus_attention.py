@@ -193,10 +193,12 @@ def _seq_to_heads(qkv: tuple[torch.Tensor, ...], group, transport: Transport):
     The three go straight into the all-to-all's send layout, chunk-major by
     destination: one copy each, read from the caller's (often transposed) views.
     Stacking them first and letting the transport split the heads copied twice.
-    With U == 1 nothing moves and the caller's tensors are used as they are.
+    With U == 1 nothing moves and the caller's tensors are used as they are, but
+    for a last dimension with a stride (the raw kernels read rows; on CPU they
+    would return wrong values).
     """
     if group is None or dist.get_world_size(group) == 1:
-        return qkv
+        return tuple(x if x.stride(-1) == 1 else x.contiguous() for x in qkv)
     U = dist.get_world_size(group)
     send = torch.stack([split_chunks(x, U, 1) for x in qkv], dim=1)  # (U, 3, B, H/U, s, D)
     return _all_to_all(transport, send.flatten(0, 1), group, scatter_dim=0, gather_dim=3)
@@ -212,7 +214,7 @@ def _heads_to_seq(x: torch.Tensor, group, transport: Transport) -> torch.Tensor:
         return x
     U = dist.get_world_size(group)
     B, h, _, D = x.shape
-    recv = _all_to_all(transport, x, group, scatter_dim=2, gather_dim=0).view(U, B, h, -1, D)
+    recv = _all_to_all(transport, x, group, scatter_dim=2, gather_dim=0).reshape(U, B, h, -1, D)
     out = x.new_empty(B, recv.shape[3], U, h, D)
     out.copy_(recv.permute(1, 3, 0, 2, 4))
     return out.flatten(2, 3).transpose(1, 2)

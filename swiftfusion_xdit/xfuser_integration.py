@@ -238,7 +238,7 @@ def torus_usp(query, key, value, dropout_p=0.0, is_causal=False, joint_query=Non
     result = torus_attention(query, key, value, _STATE["groups"], joint=joint,
                              transport=_STATE["transport"],
                              key_mask=_local_key_mask(attention_kwargs, query))
-    if joint is None:
+    if joint is None or joint.q is None:  # no joint queries: no joint rows in the output
         return result
     out, joint_out = result
     B, H, s, D = out.shape

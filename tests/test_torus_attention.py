@@ -113,6 +113,24 @@ def test_kv_exchange_by_peer_steps():
     run_ranks(_check_grid, 2, 2, 2, 2, random.randrange(2**31), HEADS, "kv", True)
 
 
+def _strided_rows(rank, world, seed):
+    """Inputs whose last dimension has a stride: the raw CPU kernel would read them wrongly,
+    so the U == 1 path, which otherwise uses the caller's tensors as they are, copies them."""
+    groups = SPGroups(None, dist.group.WORLD if world > 1 else None, "kv")
+    g = torch.Generator().manual_seed(seed)
+    tokens = world * 8
+    full = [torch.randn(2, HEAD_DIM, tokens, HEADS, generator=g).permute(0, 3, 2, 1) for _ in range(3)]
+    assert full[0].stride(-1) != 1
+    lo = rank * 8
+    out = torus_attention(*(x[:, :, lo:lo + 8] for x in full), groups)
+    assert rel_err(out, reference(*full)[0][:, :, lo:lo + 8]) < 1e-5
+
+
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_inputs_with_a_strided_last_dimension(nodes):
+    run_ranks(_strided_rows, nodes, 1, random.randrange(2**31))
+
+
 def _compiled_grid(rank, world, nodes, per_node, exchange, seed):
     """fullgraph=True: dynamo must trace the whole schedule -- exchanges included -- into one graph."""
     topo = detect_topology()

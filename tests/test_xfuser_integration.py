@@ -115,6 +115,8 @@ def _config_flow(rank, world, seed):
         assert rel_err(out, expect) < 1e-5, strategy
         # stored (B, S, H, D): xfuser's transpose(1, 2).reshape(B, S, H*D) after USP is a view
         assert out.transpose(1, 2).is_contiguous(), strategy
+    out = flux.USP(*(x[:, :, sl] for x in full), joint_key=jk, joint_value=jv, joint_strategy="front")
+    assert rel_err(out, reference(*full, Joint(None, jk, jv))[0][:, :, sl]) < 1e-5  # text keys only
     out = flux.USP(*(x[:, :, sl] for x in full))
     assert rel_err(out, reference(*full)[0][:, :, sl]) < 1e-5
     # Lumina2's calls: grouped-query K/V (12 K/V heads for 24 queries) and a boolean
