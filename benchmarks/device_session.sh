@@ -26,6 +26,8 @@
 # folder holds dozens. So, where the device tool's $OUT is set, the step ends with
 # pack_out.sh: OUT_FOLDER becomes $OUT/NAME-STEP.tgz (and NAME-STEP-latents.tgz). Unpack
 # here with: tar xzf /work/.device/N/NAME-STEP.tgz -C benchmarks/results/
+# A folder under $OUT is removed once packed: to run several harness steps in one call,
+# give them a folder in the repository (benchmarks/results/NAME), which stays.
 set -uo pipefail
 step=$1 out=$2
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
