@@ -134,7 +134,11 @@ def attend_kept(attend: Kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     Key padding is applied by leaving the masked keys out, which is exact and
     needs no kernel that takes a mask. It costs a host synchronisation and a
     gather per batch item, so only masked calls take it. A batch item with no
-    key left gets out 0 and lse -inf, which ``merge_into`` ignores."""
+    key left gets out 0 and lse -inf, which ``merge_into`` ignores.
+
+    The raw kernels read rows: a last dimension with a stride is copied first, as
+    SDPA itself would (Torus Attention passes the caller's tensors on as they are)."""
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     if keep is None:
         return attend(q, k, v, scale)
     outs, lses = [], []

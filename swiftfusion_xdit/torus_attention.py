@@ -193,12 +193,10 @@ def _seq_to_heads(qkv: tuple[torch.Tensor, ...], group, transport: Transport):
     The three go straight into the all-to-all's send layout, chunk-major by
     destination: one copy each, read from the caller's (often transposed) views.
     Stacking them first and letting the transport split the heads copied twice.
-    With U == 1 nothing moves and the caller's tensors are used as they are, but
-    for a last dimension with a stride (the raw kernels read rows; on CPU they
-    would return wrong values).
+    With U == 1 nothing moves and the caller's tensors are used as they are.
     """
     if group is None or dist.get_world_size(group) == 1:
-        return tuple(x if x.stride(-1) == 1 else x.contiguous() for x in qkv)
+        return qkv
     U = dist.get_world_size(group)
     send = torch.stack([split_chunks(x, U, 1) for x in qkv], dim=1)  # (U, 3, B, H/U, s, D)
     return _all_to_all(transport, send.flatten(0, 1), group, scatter_dim=0, gather_dim=3)
