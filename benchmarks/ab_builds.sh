@@ -7,7 +7,7 @@
 # pip wheel --no-deps /tmp/old -w .whl_old); .whl/ holds the dependencies and the current
 # build, as for device_session.sh. Each build, in its own processes on the same GPU:
 #   - one rank's eager compute per grid (rank_compute.py; the Ulysses and torus layouts
-#     run through Torus Attention over a loopback transport), 1024²
+#     run through Torus Attention over a loopback transport), 1024² (AB_SIZES, AB_GRIDS)
 #   - xDiT's runner at one rank, torus, beside xDiT's own USP once (the same GPU and call)
 # ab_table.py joins the two into ab.md.
 set -uo pipefail
@@ -17,7 +17,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 fail=0
 run() { "$@" || fail=1; }
-grids=${AB_GRIDS:-1x1,1x2,1x4,2x1,4x1,2x2}
+grids=${AB_GRIDS:-1x1,1x2,1x4,2x1,4x1,2x2} sizes=${AB_SIZES:-1024}
 xdit() {  # $1 = build label, rest = strategy flags
   local label=$1; shift
   run timeout 150 torchrun --nproc-per-node 1 benchmarks/xdit_random_flux.py --model FLUX.1-dev-random \
@@ -27,7 +27,7 @@ xdit() {  # $1 = build label, rest = strategy flags
 mkdir -p "$out"
 for build in old new; do
   site=/tmp/site; [ $build = old ] && site=/tmp/old:/tmp/site
-  PYTHONPATH=$site run timeout 200 python3 benchmarks/rank_compute.py --sizes 1024 --grids "$grids" \
+  PYTHONPATH=$site run timeout 200 python3 benchmarks/rank_compute.py --sizes "$sizes" --grids "$grids" \
     --compile-grids none --out "$out/rank_compute_$build"
   PYTHONPATH=$site xdit "torus_$build" --sp-strategy torus --sp-comm nccl
 done

@@ -14,7 +14,7 @@ def load(path: str):
 
 def rank_rows(folder: str, build: str) -> dict:
     result = load(os.path.join(folder, f"rank_compute_{build}", "rank_compute.json")) or {"rows": []}
-    return {(r["grid"], r["exchange"]): r for r in result["rows"] if "ms" in r}
+    return {(r.get("size", 1024), r["grid"], r["exchange"]): r for r in result["rows"] if "ms" in r}
 
 
 def gpu_ms_per_layer(row: dict) -> float:
@@ -39,15 +39,19 @@ def main(folder: str) -> None:
         (load(os.path.join(folder, "rank_compute_new", "rank_compute.json")) or {}).get("device")
     lines = [f"# Two builds side by side, {device}", "",
              "Same GPU, same device call, each build in its own processes. One rank's eager "
-             "FLUX.1-dev forward at 1024² (`rank_compute.py`): GPU time per layer from the "
-             "profiler (attention + other kernels), and the wall time per forward, which small "
+             "FLUX.1-dev forward (`rank_compute.py`): GPU time per layer from the "
+             "profiler (attention + other kernels; attention alone beside it), and the wall time "
+             "per forward, which small "
              "shards leave bound by the host's launches (so it jitters between processes). "
              "new / old < 1 is faster.", "",
-             "| grid (MxG) | exchange | old GPU ms/layer | new GPU ms/layer | new / old | "
-             "old wall ms | new wall ms |", "|---|---|---|---|---|---|---|"]
+             "| size | grid (MxG) | exchange | old GPU ms/layer | new GPU ms/layer | new / old | "
+             "old attention ms/layer | new attention ms/layer | old wall ms | new wall ms |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(set(old) & set(new)):
         a, b = gpu_ms_per_layer(old[key]), gpu_ms_per_layer(new[key])
-        lines.append(f"| {key[0]} | {key[1]} | {a:.3f} | {b:.3f} | {b / a:.3f} | "
+        lines.append(f"| {key[0]}² | {key[1]} | {key[2]} | {a:.3f} | {b:.3f} | {b / a:.3f} | "
+                     f"{old[key]['attention_ms_per_layer']:.3f} | "
+                     f"{new[key]['attention_ms_per_layer']:.3f} | "
                      f"{old[key]['ms']:.1f} | {new[key]['ms']:.1f} |")
     lines += ["", "xDiT's runner at one rank, 1024², median step ms (`xdit_random_flux.py`):", "",
               "| run | ms per step |", "|---|---|"]
@@ -55,9 +59,12 @@ def main(folder: str) -> None:
         lines.append(f"| {label} | {r['median_step_ms']:.1f} |" if r else f"| {label} | failed |")
     with open(os.path.join(folder, "ab.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    rows = [dict(grid=g, exchange=e, old_ms=old[(g, e)]["ms"], new_ms=new[(g, e)]["ms"],
-                 old_gpu_ms_per_layer=gpu_ms_per_layer(old[(g, e)]),
-                 new_gpu_ms_per_layer=gpu_ms_per_layer(new[(g, e)])) for g, e in sorted(set(old) & set(new))]
+    rows = [dict(size=k[0], grid=k[1], exchange=k[2], old_ms=old[k]["ms"], new_ms=new[k]["ms"],
+                 old_gpu_ms_per_layer=gpu_ms_per_layer(old[k]),
+                 new_gpu_ms_per_layer=gpu_ms_per_layer(new[k]),
+                 old_attention_ms_per_layer=old[k]["attention_ms_per_layer"],
+                 new_attention_ms_per_layer=new[k]["attention_ms_per_layer"])
+            for k in sorted(set(old) & set(new))]
     with open(os.path.join(folder, "ab.json"), "w") as f:
         json.dump(dict(device=device, rank_compute=rows,
                        xdit={k: v and v["median_step_ms"] for k, v in xdit.items()}), f, indent=2)
@@ -72,14 +79,14 @@ def plot(folder: str) -> None:
 
     ab = json.load(open(os.path.join(folder, "ab.json")))
     rows = ab["rank_compute"]
-    labels = [f"{r['grid']} {r['exchange']}" for r in rows]
+    labels = [f"{r.get('size', 1024)} {r['grid']} {r['exchange']}" for r in rows]
     ratios = [r["new_gpu_ms_per_layer"] / r["old_gpu_ms_per_layer"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 3))
     ax.bar(labels, ratios, color="tab:red")
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_ylim(min(ratios + [1.0]) - 0.03, max(ratios + [1.0]) + 0.02)
     ax.set_ylabel("new / old GPU ms per layer")
-    ax.set_title(f"one rank's FLUX.1-dev forward, 1024², {ab['device']}", fontsize=9)
+    ax.set_title(f"one rank's FLUX.1-dev forward, {ab['device']}", fontsize=9)
     ax.tick_params(axis="x", labelsize=7, rotation=45)
     fig.tight_layout()
     fig.savefig(os.path.join(folder, "ab.png"), dpi=110)

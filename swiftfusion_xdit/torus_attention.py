@@ -73,7 +73,7 @@ import torch
 import torch.distributed as dist
 from torch.profiler import record_function
 
-from .block_attention import Kernel, attend_kept, merge_into, pick_kernel
+from .block_attention import Kernel, attend_kept, merge_into, pick_final_kernel, pick_kernel
 from .transport import Transport, TransportPair, default_transport, join_chunks, split_chunks
 
 
@@ -128,7 +128,8 @@ def torus_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: S
     scale = scale if scale is not None else D ** -0.5
     attend = pick_kernel(q, kernel)
     if k.shape[2] != q.shape[2]:
-        return _attend_gathered_keys(q, k, v, groups, pair, attend, scale, key_mask, joint)
+        return _attend_gathered_keys(q, k, v, groups, pair, pick_final_kernel(q, kernel), scale,
+                                     key_mask, joint)
 
     qkv = _seq_to_heads((q, k, v), groups.ulysses, pair.ulysses)
     u = dist.get_rank(groups.ulysses) if U > 1 else 0
@@ -138,7 +139,7 @@ def torus_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: S
         masks = _KeyMasks.gather(key_mask, q, joint, groups)
 
     if T == 1:
-        out, joint_out = _local(qkv, joint, attend, scale, masks)
+        out, joint_out = _local(qkv, joint, pick_final_kernel(q, kernel), scale, masks)
     elif exchange == "a2a":
         out, joint_out = _torus_a2a(qkv, joint, groups.torus, pair.torus, attend, scale, masks)
     else:
@@ -338,7 +339,7 @@ def _with_joint(x: torch.Tensor, prefix: torch.Tensor | None) -> torch.Tensor:
 def _local(qkv, joint: Joint | None, attend: Kernel, scale: float, masks: _KeyMasks | None):
     q, k, v = qkv
     jq = None if joint is None else joint.q
-    # one block: its output is final, no merge (and no float32 pass) needed
+    # one block: its output is final, no merge, no float32 pass, no LSE needed
     out, _ = attend_kept(attend, _with_joint(q, jq), _with_joint(k, joint and joint.k),
                          _with_joint(v, joint and joint.v), scale, masks and masks.own(0))
     out = out.to(q.dtype)

@@ -289,7 +289,8 @@ def test_ab_table_joins_two_builds_by_grid_and_compares_gpu_time(tmp_path):
     (tmp_path / "xdit_usp.log").write_text('noise\n{"device": "GPU X", "median_step_ms": 181.5}\n')
     ab_table.main(str(tmp_path))
     table = (tmp_path / "ab.md").read_text()
-    assert "| 2x2 | kv | 2.500 | 2.000 | 0.800 | 100.0 | 100.0 |" in table  # GPU ms/layer = attention + other
+    # GPU ms/layer = attention + other; rows without a size are 1024² (older files)
+    assert "| 1024² | 2x2 | kv | 2.500 | 2.000 | 0.800 | 0.500 | 0.500 | 100.0 | 100.0 |" in table
     assert "4x1" not in table
     assert "| usp | 181.5 |" in table and "| torus_old | failed |" in table  # from the log's JSON line
     assert (tmp_path / "ab.png").stat().st_size > 0

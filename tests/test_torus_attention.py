@@ -327,3 +327,24 @@ def test_a_batch_item_without_any_key_is_refused():
         torus_attention(q, q, q, SPGroups(None, None), key_mask=keep)
     with pytest.raises(ValueError, match=r"every key of batch item\(s\) \[1\] is masked out"):
         torus_attention(q, q[:, :, :4], q[:, :, :4], SPGroups(None, None), key_mask=keep[:, :4])
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_a_lone_block_lets_sdpa_choose_unless_a_kernel_is_named(monkeypatch, masked):
+    """One machine, one rank: the block's output is final, so its LSE is not computed
+    (PyTorch's SDPA picks the kernel); a kernel named by the caller is still used."""
+    q, k, v = (torch.randn(2, 4, 24, 16) for _ in range(3))
+    joint = Joint(*(torch.randn(2, 4, 5, 16) for _ in range(3)))
+    keep = torch.rand(2, 29) > 0.3 if masked else None
+    want, want_joint = reference(q, k, v, joint, keep)
+    if masked:
+        joint.key_mask = keep[:, :5]
+    sdpa, calls = torch.nn.functional.scaled_dot_product_attention, []
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append(kw) or sdpa(*a, **kw))
+    for kernel, via_sdpa in (("auto", True), ("math", False)):
+        calls.clear()
+        out, joint_out = torus_attention(q, k, v, SPGroups(None, None), joint=joint, kernel=kernel,
+                                         key_mask=None if keep is None else keep[:, 5:])
+        assert bool(calls) == via_sdpa
+        assert rel_err(out, want) < 1e-5 and rel_err(joint_out, want_joint) < 1e-5
