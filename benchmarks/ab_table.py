@@ -32,6 +32,16 @@ def xdit_result(folder: str, label: str):
     return result
 
 
+def latents_rel_err(folder: str, label: str):
+    """Relative error of a run's final latents against USP's, where both came back."""
+    paths = [os.path.join(folder, f"xdit_{name}", "latents.pt") for name in (label, "usp")]
+    if not all(os.path.exists(p) for p in paths):
+        return None
+    import torch
+    run, usp = (torch.load(p, map_location="cpu").double() for p in paths)
+    return ((run - usp).norm() / usp.norm()).item()
+
+
 def main(folder: str) -> None:
     old, new = rank_rows(folder, "old"), rank_rows(folder, "new")
     xdit = {label: xdit_result(folder, label) for label in ("torus_old", "torus_new", "usp")}
@@ -53,10 +63,13 @@ def main(folder: str) -> None:
                      f"{old[key]['attention_ms_per_layer']:.3f} | "
                      f"{new[key]['attention_ms_per_layer']:.3f} | "
                      f"{old[key]['ms']:.1f} | {new[key]['ms']:.1f} |")
-    lines += ["", "xDiT's runner at one rank, 1024², median step ms (`xdit_random_flux.py`):", "",
-              "| run | ms per step |", "|---|---|"]
+    errs = {label: latents_rel_err(folder, label) for label in xdit}
+    lines += ["", "xDiT's runner at one rank, 1024², median step ms (`xdit_random_flux.py`), and "
+              "each run's final latents against USP's (relative error; - where absent):", "",
+              "| run | ms per step | latents vs usp |", "|---|---|---|"]
     for label, r in xdit.items():
-        lines.append(f"| {label} | {r['median_step_ms']:.1f} |" if r else f"| {label} | failed |")
+        err = "-" if errs[label] is None else f"{errs[label]:.1e}"
+        lines.append(f"| {label} | {r['median_step_ms']:.1f} | {err} |" if r else f"| {label} | failed | - |")
     with open(os.path.join(folder, "ab.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     rows = [dict(size=k[0], grid=k[1], exchange=k[2], old_ms=old[k]["ms"], new_ms=new[k]["ms"],
@@ -67,7 +80,8 @@ def main(folder: str) -> None:
             for k in sorted(set(old) & set(new))]
     with open(os.path.join(folder, "ab.json"), "w") as f:
         json.dump(dict(device=device, rank_compute=rows,
-                       xdit={k: v and v["median_step_ms"] for k, v in xdit.items()}), f, indent=2)
+                       xdit={k: v and v["median_step_ms"] for k, v in xdit.items()},
+                       xdit_latents_rel_err_vs_usp=errs), f, indent=2)
     print("\n".join(lines))
     plot(folder)
 

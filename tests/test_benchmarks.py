@@ -292,7 +292,7 @@ def test_ab_table_joins_two_builds_by_grid_and_compares_gpu_time(tmp_path):
     # GPU ms/layer = attention + other; rows without a size are 1024² (older files)
     assert "| 1024² | 2x2 | kv | 2.500 | 2.000 | 0.800 | 0.500 | 0.500 | 100.0 | 100.0 |" in table
     assert "4x1" not in table
-    assert "| usp | 181.5 |" in table and "| torus_old | failed |" in table  # from the log's JSON line
+    assert "| usp | 181.5 | - |" in table and "| torus_old | failed | - |" in table  # from the log's JSON line
     assert (tmp_path / "ab.png").stat().st_size > 0
 
 
@@ -314,3 +314,18 @@ def test_a_device_step_leaves_one_archive_of_its_folder_under_out(tmp_path):
         assert sorted(t.getnames()) == ["h", "h/harness.json", "h/xdit_1024_1gpu", "h/xdit_1024_1gpu/result.json"]
     with tarfile.open(out / "h-harness-1-latents.tgz") as t:
         assert t.getnames() == ["h/xdit_1024_1gpu/latents.pt"]
+
+
+def test_ab_table_compares_each_runs_latents_with_usps(tmp_path):
+    import ab_table
+    import torch
+    usp = torch.randn(1, 16, 8, 8)
+    for label, latents in (("usp", usp), ("torus_new", usp * 1.01)):
+        os.makedirs(tmp_path / f"xdit_{label}")
+        torch.save(latents, tmp_path / f"xdit_{label}" / "latents.pt")
+        json.dump({"device": "GPU X", "median_step_ms": 180.0},
+                  open(tmp_path / f"xdit_{label}" / "result.json", "w"))
+    ab_table.main(str(tmp_path))
+    table = (tmp_path / "ab.md").read_text()
+    assert "| torus_new | 180.0 | 1.0e-02 |" in table and "| usp | 180.0 | 0.0e+00 |" in table
+    assert "| torus_old | failed | - |" in table
