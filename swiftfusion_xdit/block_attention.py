@@ -96,9 +96,12 @@ def pick_final_kernel(q: torch.Tensor, name: str = "auto") -> Kernel:
     """The kernel for a lone block, whose LSE nothing reads (it returns None for it).
 
     With ``auto`` PyTorch's SDPA chooses, free to take a kernel that computes no
-    LSE (one H200: 0.073 instead of 0.089 ms at 3 heads of 4,608 tokens, within 2%
-    elsewhere; ``benchmarks/results/kernels/attention_kernels.md``). A kernel named
-    by the caller is used as named."""
+    LSE, as the unparallelised model does. Alone, per shape, it was within 3% of cuDNN
+    with LSE except the small shapes, where it went both ways (4,608 tokens: 3 heads
+    0.073 vs 0.089 ms on an H200, 0.088 vs 0.080 on an H100; 6 heads 0.152 vs 0.172
+    on the H100; ``benchmarks/results/kernels/attention_kernels*.md``); inside the
+    whole model on the H100, 0-2% less attention time (``results/ab_lone_block/``).
+    A kernel named by the caller is used as named."""
     return _sdpa_final if name == "auto" else pick_kernel(q, name)
 
 
