@@ -4,6 +4,7 @@ import importlib.util
 import os
 import sys
 
+import swiftfusion_xdit_autoload
 from swiftfusion_xdit_autoload import run_after_import
 
 from .mesh import LayoutError, ParallelDims, TorusLayout, build_mesh, plan_layout
@@ -44,3 +45,4 @@ def _add_enable_parallel(module) -> None:
 # Importing diffusers' pipelines costs seconds, so we do not import them
 # ourselves; the method is added whenever (and if ever) they are imported.
 run_after_import("diffusers.pipelines.pipeline_utils", _add_enable_parallel)
+swiftfusion_xdit_autoload.register()  # --sp-strategy on xfuser's parser, as the .pth does

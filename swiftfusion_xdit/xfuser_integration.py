@@ -12,9 +12,14 @@ early and no xfuser file is edited. Opt out with ``SWIFTFUSION_XDIT_DISABLE=1``.
 * ``create_config`` -- for ``torus`` only -- fills in degrees the user left
   out (``--ulysses_degree`` = all-to-all inside a machine, ``--ring_degree``
   = torus across machines, so the ``xdit`` launcher's GPU count still works),
-  refuses what torus cannot run, lets xfuser build its groups, checks them
-  against the topology-aware plan, and routes xfuser's ``USP(...)`` to Torus
-  Attention in every module that imported it.
+  refuses what torus cannot run, lets xfuser build its groups, builds our
+  own over the same rank layout (the topology-aware plan), and routes
+  xfuser's ``USP(...)`` to Torus Attention in every module that imported it.
+  xfuser's runner calls ``create_config`` twice; the plan is made once.
+
+An xfuser carrying ``patches/`` (its own ``--sp-strategy`` and plugin point)
+needs none of this: it finds us through the ``xfuser.sp_strategies`` entry
+point (``TORUS`` below), and ``install()`` leaves it alone.
 
 Adapters covered: every xfuser attention path that calls ``USP(...)`` --
 Flux, Flux2, SD3/PixArt/Latte (``xFuserJointAttnProcessor2_0``,
@@ -26,8 +31,16 @@ Lingbot-video, Wan (its ``USP`` calls). Key padding is served: a boolean
 K/V (Lumina2; expanded before the exchange). Refused when reached: calls
 carrying a KV cache (PipeFusion), FP8 communication, other
 ``attention_kwargs`` (the varlen packing of LTX2 and Krea2), grouped-query
-K/V with joint tokens, dropout or causal attention. Step-Video's customised
-attention and the Sana linear attention do not go through ``USP``.
+K/V with joint tokens, dropout or causal attention; up front, a
+low-precision ``--attention_backend`` (torus computes exact attention) and
+the hybrid attention schedule. Step-Video's customised attention and the
+Sana linear attention do not go through ``USP``.
+
+Under torus ``--ring_degree`` is the torus degree, so xfuser's own checks
+that reject ring attention (Lumina2's padded text, masked text padding in
+the joint processors, per-model capability lists) also reject a torus
+degree above 1 -- with messages about ``ring_degree``. Those adapters run
+with torus degree 1 (Ulysses inside a machine) only.
 """
 
 from __future__ import annotations
@@ -37,6 +50,8 @@ import sys
 
 import torch
 import torch.distributed as dist
+
+from swiftfusion_xdit_autoload import run_after_each_import
 
 from .mesh import LayoutError, TorusLayout, build_mesh, plan_layout
 from .topology import detect_topology
@@ -64,9 +79,10 @@ def add_arguments(parser) -> None:
 
 
 def install() -> None:
-    """Wrap xFuserArgs; idempotent."""
-    from xfuser.config.args import xFuserArgs
-    if getattr(xFuserArgs, "_swiftfusion", False):
+    """Wrap xFuserArgs; idempotent; a no-op where xfuser carries patches/ (its plugin point)."""
+    import xfuser.config.args as xargs
+    xFuserArgs = xargs.xFuserArgs
+    if getattr(xFuserArgs, "_swiftfusion", False) or hasattr(xargs, "available_sp_strategies"):
         return
     for name in ("add_cli_args", "add_runner_args"):
         setattr(xFuserArgs, name, staticmethod(_with_arguments(getattr(xFuserArgs, name))))
@@ -97,12 +113,13 @@ def _carry(engine_args, values: dict):
 def _create_config(engine_args, create_config):
     if getattr(engine_args, "sp_strategy", "usp") == "auto":
         choose_strategy(engine_args)
-    if getattr(engine_args, "sp_strategy", "usp") != "torus":
-        return create_config(engine_args)
+    if getattr(engine_args, "sp_strategy", "usp") != "torus" or hasattr(engine_args, "_torus_layout"):
+        return create_config(engine_args)  # usp, or torus already planned (the runner asks twice)
     _ensure_xfuser_distributed()
     layout = plan_xfuser_torus(engine_args)
     configs = create_config(engine_args)
     enable_torus(layout, engine_args.sp_comm)
+    engine_args._torus_layout = layout
     return configs
 
 
@@ -120,6 +137,13 @@ def choose_strategy(engine_args) -> None:
     if "flux.1" not in str(engine_args.model).lower():
         raise LayoutError(f"--sp-strategy auto knows the shapes of FLUX.1 models only, not "
                           f"{engine_args.model!r}; pass --sp-strategy usp or torus")
+    chosen = {flag: value for flag, value in (("--ulysses_degree", engine_args.ulysses_degree),
+                                              ("--ring_degree", engine_args.ring_degree),
+                                              ("--pipefusion_parallel_degree",
+                                               engine_args.pipefusion_parallel_degree)) if value != 1}
+    if chosen:
+        raise LayoutError(f"--sp-strategy auto picks the sequence-parallel degrees itself (no PipeFusion), "
+                          f"so it cannot honour {chosen}; leave them out, or pass --sp-strategy usp or torus")
     _ensure_xfuser_distributed()
     topo = detect_topology()
     per_replica = topo.world_size // ((2 if engine_args.use_cfg_parallel else 1)
@@ -145,6 +169,7 @@ def plan_xfuser_torus(engine_args) -> TorusLayout:
     if engine_args.tensor_parallel_degree > 1:
         raise LayoutError("--sp-strategy torus does not compose with tensor parallelism; "
                           "use --tensor_parallel_degree 1")
+    _refuse_inexact_backend(engine_args)
     topo = detect_topology()
     cfg = 2 if engine_args.use_cfg_parallel else 1
     given = (engine_args.ulysses_degree, engine_args.ring_degree)
@@ -163,6 +188,24 @@ def plan_xfuser_torus(engine_args) -> TorusLayout:
     return layout
 
 
+# xfuser backends that compute attention exactly (in the input dtype); torus runs its
+# own exact kernel in their place. The others (FP8/FP4/Sage/...) would be silently
+# replaced by a more exact, different computation.
+EXACT_BACKENDS = ("SDPA", "SDPA_MATH", "SDPA_EFFICIENT", "SDPA_FLASH", "FLASH", "CUDNN", "FLASH_3",
+                  "FLASH_4", "AITER", "AITER_BF16")
+
+
+def _refuse_inexact_backend(engine_args) -> None:
+    backend = getattr(engine_args, "attention_backend", None)
+    if backend is not None and backend.upper() not in EXACT_BACKENDS:
+        raise LayoutError(f"--sp-strategy torus computes exact attention with its own kernel, so it "
+                          f"cannot honour --attention_backend {backend}; drop the flag (or pick one of "
+                          f"{', '.join(EXACT_BACKENDS)}), or use --sp-strategy usp")
+    if getattr(engine_args, "use_hybrid_attn_schedule", False):
+        raise LayoutError("--sp-strategy torus does not run xfuser's hybrid attention schedule; drop "
+                          "--use_hybrid_attn_schedule, or use --sp-strategy usp")
+
+
 def enable_torus(layout: TorusLayout, comm: str = "auto") -> None:
     """Build our groups (same rank layout as xfuser's) and route USP to Torus Attention."""
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"
@@ -177,46 +220,16 @@ def _route_usp_everywhere() -> None:
     if hasattr(usp_module, "set_sp_strategy"):  # xfuser carries patches/ (the plugin point)
         usp_module.set_sp_strategy(torus_usp)
         return
-    original = _STATE["original_usp"] or usp_module.USP
-    _STATE["original_usp"] = original
+    _STATE["original_usp"] = _STATE["original_usp"] or usp_module.USP
     for name, module in list(sys.modules.items()):
-        if name.startswith("xfuser") and getattr(module, "USP", None) is original:
-            module.USP = torus_usp
-    _AfterImport.install()
+        if name.startswith("xfuser"):
+            _route_usp(module)
+    run_after_each_import("xfuser.model_executor", _route_usp)  # modules imported later
 
 
-class _AfterImport:
-    """Route USP in xfuser modules imported after torus was enabled."""
-
-    @staticmethod
-    def install():
-        import importlib.abc
-        import importlib.util
-
-        class Finder(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if not name.startswith("xfuser.model_executor") or self._busy:
-                    return None
-                self._busy = True
-                try:
-                    spec = importlib.util.find_spec(name)
-                finally:
-                    self._busy = False
-                if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-                    return spec
-                load = spec.loader.exec_module
-
-                def exec_module(module):
-                    load(module)
-                    if getattr(module, "USP", None) is _STATE["original_usp"]:
-                        module.USP = torus_usp
-                spec.loader.exec_module = exec_module
-                return spec
-
-        if not any(type(f).__name__ == "Finder" and f.__module__ == __name__ for f in sys.meta_path):
-            finder = Finder()
-            finder._busy = False
-            sys.meta_path.insert(0, finder)
+def _route_usp(module) -> None:
+    if getattr(module, "USP", None) is _STATE["original_usp"]:
+        module.USP = torus_usp
 
 
 def torus_usp(query, key, value, dropout_p=0.0, is_causal=False, joint_query=None, joint_key=None,

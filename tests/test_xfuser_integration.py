@@ -28,7 +28,7 @@ def _run_python(code: str, env_extra=None) -> str:
 PARSE = """
     import site, sys
     import xfuser_cpu_shim
-    site.addsitedir(sys.argv[0] if False else {pth_dir!r})  # runs swiftfusion_xdit.pth, as at start-up
+    site.addsitedir({pth_dir!r})  # runs swiftfusion_xdit.pth, as at start-up (the shim registers nothing)
     from xfuser.config import FlexibleArgumentParser, xFuserArgs
     for add in (xFuserArgs.add_cli_args, xFuserArgs.add_runner_args):
         parser = FlexibleArgumentParser()
@@ -161,6 +161,11 @@ def _refusals(rank, world):
             plan_xfuser_torus(_args(["--sp-strategy", "torus", *argv]))
     with pytest.raises(LayoutError, match="knows the shapes of FLUX.1 models only, not 'm'"):
         choose_strategy(_args(["--sp-strategy", "auto"]))
+    with pytest.raises(LayoutError, match=r"auto picks .* cannot honour \{'--ulysses_degree': 4\}"):
+        choose_strategy(_args(["--sp-strategy", "auto", "--model", "FLUX.1-dev", "--ulysses_degree", "4"]))
+    with pytest.raises(LayoutError, match="cannot honour --attention_backend FLASH_3_FP8"):
+        plan_xfuser_torus(_args(["--sp-strategy", "torus", "--attention_backend", "FLASH_3_FP8"]))
+    plan_xfuser_torus(_args(["--sp-strategy", "torus", "--attention_backend", "cudnn"]))  # exact: served
     args = _args(["--sp-strategy", "auto", "--model", "black-forest-labs/FLUX.1-dev"])
     choose_strategy(args)  # slow emulated network: one all-gather of K/V hidden under the local block
     assert (args.sp_strategy, args.ulysses_degree, args.ring_degree) == ("torus", 2, 2)
@@ -174,19 +179,35 @@ def test_refusals_and_cfg_placement():
     run_ranks(_refusals, 2, 2)
 
 
-def test_upstream_patch_applies_to_released_xfuser(tmp_path):
-    """patches/ is a unified diff against xfuser 0.7.0 as released (the installed wheel's files)."""
+PATCHED_XDIT = """
+    import os, sys
+    import xfuser_cpu_shim, swiftfusion_xdit  # our hook is registered, and must stand aside
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1")
+    dist.init_process_group("gloo")
+    from xfuser.config import FlexibleArgumentParser, xFuserArgs
+    import xfuser.model_executor.layers.usp as usp
+    from swiftfusion_xdit.xfuser_integration import torus_usp
+    parser = FlexibleArgumentParser()
+    xFuserArgs.add_cli_args(parser)
+    for strategy in ("usp", "torus"):
+        args = xFuserArgs.from_cli_args(parser.parse_args(["--model", "m", "--sp_strategy", strategy]))
+        args.create_config()
+        print(strategy, usp._SP_ATTENTION is torus_usp)
+"""
+
+
+def test_upstream_patch_applies_to_released_xfuser_and_routes_usp(tmp_path):
+    """patches/ is a unified diff against xfuser 0.7.0 as released (the installed wheel's files);
+    the patched xfuser finds torus through the entry point alone and routes USP to it."""
     import importlib.util
-    import py_compile
     import shutil
     src = importlib.util.find_spec("xfuser").submodule_search_locations[0]
-    for rel in ("config/args.py", "model_executor/layers/usp.py"):
-        os.makedirs(tmp_path / "xfuser" / os.path.dirname(rel), exist_ok=True)
-        shutil.copy(os.path.join(src, rel), tmp_path / "xfuser" / rel)
+    shutil.copytree(src, tmp_path / "xfuser", ignore=shutil.ignore_patterns("__pycache__"))
     patch = os.path.join(ROOT, "patches", "xfuser-0.7.0-sp-strategy-plugin-point.diff")
     subprocess.run(["git", "apply", "--check", "-p1", patch], cwd=tmp_path, check=True)
     subprocess.run(["git", "apply", "-p1", patch], cwd=tmp_path, check=True)
-    for rel in ("config/args.py", "model_executor/layers/usp.py"):
-        py_compile.compile(str(tmp_path / "xfuser" / rel), doraise=True)
-    patched = (tmp_path / "xfuser" / "model_executor/layers/usp.py").read_text()
-    assert "def set_sp_strategy(attention_fn)" in patched and "return _SP_ATTENTION(*args, **kwargs)" in patched
+    env = {"PYTHONPATH": str(tmp_path)}  # the patched copy first
+    port = str(random.randrange(20000, 40000))
+    out = _run_python(PATCHED_XDIT.replace("sys.argv[1]", repr(port)), env).split("\n")
+    assert [line for line in out if line.startswith(("usp ", "torus "))] == ["usp False", "torus True"]
