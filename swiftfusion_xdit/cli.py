@@ -39,8 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--ulysses-degree", type=int, default=None)
     g.add_argument("--torus-degree", type=int, default=None)
     g.add_argument("--sp-comm", default="auto", choices=("auto", "gloo", "nccl", "nvshmem"))
-    g.add_argument("--nproc", type=int, default=None, help="ranks to launch (default: GPUs, or 4 on CPU)")
-    g.add_argument("--emulate-nodes", type=int, default=None,
+    # not --nproc: the whole command line passes through torchrun's parser, where --nproc
+    # is an ambiguous abbreviation of --nproc-per-node/--nproc_per_node
+    g.add_argument("--ranks", type=_positive, default=None, help="ranks to launch (default: GPUs, or 4 on CPU)")
+    g.add_argument("--emulate-nodes", type=_positive, default=None,
                    help="pretend the ranks sit on this many machines (sets SWIFTFUSION_NODE/NCCL_HOSTID); "
                         "default: 2 for the embedded model, so its run crosses a (pretend) machine boundary")
     g.add_argument("--check", action=argparse.BooleanOptionalAction, default=None,
@@ -105,10 +107,14 @@ def plan_report(args) -> str:
 
 
 def _relaunch_under_torchrun(args, argv: list[str]) -> None:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
-    nproc = args.nproc or (torch.cuda.device_count() if torch.cuda.is_available() else 4)
-    torchrun(["--nproc-per-node", str(nproc), "--master-port", str(_free_port()),
-              "-m", "swiftfusion_xdit.cli", *argv])
+    nproc = args.ranks or (torch.cuda.device_count() if torch.cuda.is_available() else 4)
+    try:
+        torchrun(["--nproc-per-node", str(nproc), "--master-port", str(_free_port()),
+                  "-m", "swiftfusion_xdit.cli", *argv])
+    except ChildFailedError as err:  # the ranks said why; pass on their exit code, not a traceback
+        sys.exit(max(failure.exitcode for failure in err.failures.values()) or 1)
 
 
 def _free_port() -> int:
@@ -124,11 +130,15 @@ def _generate(args) -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     nodes = args.emulate_nodes or (2 if args.model is None and world % 2 == 0 else 1)
     from swiftfusion_xdit.topology import emulate_machines
-    emulate_machines(nodes)
+    try:
+        emulate_machines(nodes)
+    except ValueError as err:
+        _fail(rank, err)
     import torch.distributed as dist
 
     import swiftfusion_xdit
-    from swiftfusion_xdit.diffusers_integration import ensure_distributed
+    from swiftfusion_xdit.diffusers_integration import ensure_distributed, plan_strategy
+    from swiftfusion_xdit.mesh import LayoutError
 
     device = ensure_distributed()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world) if device.type == "cpu" else 8)
@@ -146,38 +156,73 @@ def _generate(args) -> None:
         out = pipe(**call, generator=generator, output_type=output_type)
         return out, time.perf_counter() - start
 
+    pipe = _load(args, device)
+    try:  # refuse a bad layout before the (long) single-process run
+        plan_strategy(args.sp_strategy, pipe.transformer.config.num_attention_heads,
+                      ulysses=args.ulysses_degree, torus=args.torus_degree, config=pipe.transformer.config)
+    except (LayoutError, ValueError) as err:
+        _fail(rank, err)
     reference = None
-    if check and rank == 0:  # the single-process run, on rank 0 alone
-        reference, t_single = run(_load(args, device), "latent")
+    if check and rank == 0:  # the single-process run, on rank 0 alone, before the pipeline is split
+        reference, t_single = run(pipe, "latent")
     dist.barrier()
-    pipe = swiftfusion_xdit.enable_parallel(_load(args, device), args.sp_strategy,
+    pipe = swiftfusion_xdit.enable_parallel(pipe, args.sp_strategy,
                                             ulysses=args.ulysses_degree, torus=args.torus_degree,
                                             comm=args.sp_comm, output_on_all_ranks=True)
     latents, t_parallel = run(pipe, "latent")
+    passed = True
     if rank == 0:
         layout = pipe.parallel_layout
         print(f"swiftfusion-xdit: {args.sp_strategy} on {world} ranks ({device.type}): {layout.describe()}")
         for note in layout.notes:
             print(f"  - {note}")
         print(f"parallel run: {t_parallel:.2f} s for {steps} steps at {width}x{height}")
+        latents = _output_tensor(latents)
         if reference is not None:
-            err = ((latents.images.double() - reference.images.double()).norm()
-                   / reference.images.double().norm()).item()
-            tol = 1e-4 if latents.images.dtype == torch.float32 else 2e-2
+            reference = _output_tensor(reference).double()
+            err = ((latents.double() - reference).norm() / reference.norm()).item()
+            tol = 1e-4 if latents.dtype == torch.float32 else 2e-2
+            passed = err < tol
             print(f"single process: {t_single:.2f} s")
             print(f"check against single process: relative error {err:.2e} "
-                  f"({'PASS' if err < tol else 'FAIL'}, tolerance {tol:g})")
-        image = _decode_flux(pipe, latents.images, height, width)
-        if image is not None:
-            image.save(args.output)
-            print(f"saved {args.output}")
+                  f"({'PASS' if passed else 'FAIL'}, tolerance {tol:g})")
+        _save(pipe, latents, height, width, args.output)
     dist.barrier()
     dist.destroy_process_group()
+    if not passed:
+        sys.exit(1)
+
+
+def _fail(rank: int, err: Exception):
+    """A refused input: one message (rank 0), no traceback, exit code 2 on every rank."""
+    import torch.distributed as dist
+    if rank == 0:
+        print(f"swiftfusion-xdit generate: {err}", file=sys.stderr)
+    if dist.is_initialized():  # leave together: torchrun would SIGTERM a rank still running
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.exit(2)
+
+
+def _output_tensor(output) -> torch.Tensor:
+    """The latents of a pipeline output: ``images`` (image pipelines) or ``frames`` (video)."""
+    return output.images if hasattr(output, "images") else output.frames
+
+
+def _save(pipe, latents, height, width, path: str) -> None:
+    image = _decode_flux(pipe, latents, height, width)
+    if image is None:
+        print(f"not saved: decoding latents to pixels is written for Flux-family pipelines only, and "
+              f"{type(pipe).__name__} is not one (the check above stands)")
+        return
+    image.save(path)
+    print(f"saved {path}")
 
 
 def _decode_flux(pipe, latents, height, width):
     """Flux latents -> PIL image, as FluxPipeline does after its loop (None for other models)."""
-    if not hasattr(pipe, "_unpack_latents"):
+    config = pipe.vae.config if hasattr(pipe, "vae") else {}
+    if not (hasattr(pipe, "_unpack_latents") and "shift_factor" in config and "scaling_factor" in config):
         return None
     latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
     latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor

@@ -30,10 +30,10 @@ from diffusers.hooks.context_parallel import apply_context_parallel
 from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
 from torch.distributed.device_mesh import DeviceMesh
 
-from .mesh import TorusLayout, build_mesh, plan_layout
+from .mesh import LayoutError, TorusLayout, build_mesh, plan_layout
 from .topology import detect_topology
 from .torus_attention import SPGroups, torus_attention
-from .transport import TransportPair, resolve_transports
+from .transport import COMMS, TransportPair, resolve_transports
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +50,16 @@ class TorusContextParallelConfig(ContextParallelConfig):
 
 
 def ensure_distributed() -> torch.device:
-    """Initialise torch.distributed from torchrun's environment if needed."""
+    """Initialise torch.distributed from torchrun's environment if needed; this rank's device.
+
+    A caller that initialised torch.distributed itself keeps its current CUDA device."""
     cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if not dist.is_initialized():
         if "RANK" not in os.environ:
             raise RuntimeError("enable_parallel needs torch.distributed: launch with torchrun "
                                "(or swiftfusion-xdit generate), or call init_process_group first")
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         device_id = torch.device("cuda", torch.cuda.current_device()) if cuda else None
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device_id)
     return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
@@ -70,6 +72,7 @@ def plan_strategy(strategy: str, num_heads: int, *, ulysses: int | None = None,
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
     topo = detect_topology()
     sp = topo.world_size
+    _refuse_fixed_degrees(strategy, sp, ulysses, torus)
     if strategy == "auto":
         return _auto_layout(topo, num_heads, config)
     if strategy == "torus":
@@ -81,6 +84,18 @@ def plan_strategy(strategy: str, num_heads: int, *, ulysses: int | None = None,
         return plan_layout(topo, num_heads, ulysses=1, torus=sp, torus_exchange="kv")
     return plan_layout(topo, num_heads, ulysses=ulysses, torus=torus, torus_exchange="kv",
                        check_placement=False)
+
+
+def _refuse_fixed_degrees(strategy: str, sp: int, ulysses: int | None, torus: int | None) -> None:
+    """ulysses, ring and auto fix the degrees themselves: a different one given is refused."""
+    fixed = {"ulysses": (sp, 1), "ring": (1, sp), "auto": (None, None)}.get(strategy)
+    if fixed is None:
+        return
+    for name, given, own in (("ulysses", ulysses, fixed[0]), ("torus", torus, fixed[1])):
+        if given is not None and given != own:
+            what = "picks the degrees itself" if strategy == "auto" else f"means {name}={own} on {sp} ranks"
+            raise LayoutError(f"strategy {strategy!r} {what}, so {name}={given} cannot be honoured; "
+                              f"leave the degree out, or use strategy 'torus' or 'usp' with your degrees")
 
 
 def _auto_layout(topo, num_heads: int, config) -> TorusLayout:
@@ -99,6 +114,11 @@ def parallelize_transformer(transformer: torch.nn.Module, strategy: str = "torus
                             ulysses: int | None = None, torus: int | None = None,
                             comm: str = "auto", kernel: str = "auto") -> TorusLayout:
     """Shard a diffusers transformer's sequence over all ranks; attention runs Torus Attention."""
+    if comm not in COMMS:
+        raise ValueError(f"unknown comm {comm!r}; choose one of {COMMS}")
+    if getattr(transformer, "_parallel_config", None) is not None:
+        raise RuntimeError(f"{type(transformer).__name__} is already parallel (enable_parallel or "
+                           f"enable_parallelism ran on it); load a fresh pipeline to change the layout")
     plan = getattr(transformer, "_cp_plan", None)
     if plan is None:
         raise ValueError(f"{type(transformer).__name__} has no context-parallel plan (_cp_plan) in "
@@ -161,6 +181,9 @@ def _wrap_dispatch(module) -> None:
         if not isinstance(cp, TorusContextParallelConfig):
             return original(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                             attention_kwargs, backend=backend, parallel_config=parallel_config)
+        _refuse_inexact(backend, attention_kwargs)
+        if enable_gqa and key.shape[2] != query.shape[2]:  # grouped-query K/V: expand, then exchange
+            key, value = (x.repeat_interleave(query.shape[2] // key.shape[2], dim=2) for x in (key, value))
         key_mask = _key_padding(attn_mask, query.shape[0], key.shape[1])
         if (attn_mask is not None and key_mask is None) or is_causal or dropout_p:
             raise NotImplementedError(
@@ -177,6 +200,21 @@ def _wrap_dispatch(module) -> None:
 
     dispatch._swiftfusion = True
     module.dispatch_attention_fn = dispatch
+
+
+def _refuse_inexact(backend, attention_kwargs) -> None:
+    """Torus Attention computes exact attention with its own kernel: a quantised backend, or
+    a backend's own keyword arguments, would be silently replaced."""
+    name = getattr(backend, "value", backend)
+    if name is not None and "sage" in str(name):
+        raise NotImplementedError(
+            f"the attention backend {name!r} is quantised (approximate), and swiftfusion's "
+            f"sequence-parallel attention computes exact attention instead; reset the backend "
+            f"(transformer.reset_attention_backend()) or run this model unparallelised")
+    if attention_kwargs:
+        raise NotImplementedError(
+            f"swiftfusion's sequence-parallel attention takes no backend arguments, got "
+            f"attention_kwargs {sorted(attention_kwargs)}; run this model unparallelised")
 
 
 # An additive bias at or below this marks a padded key: exp() of it underflows to exactly 0
@@ -221,23 +259,30 @@ def enable_parallel(pipe, strategy: str = "torus", *, ulysses: int | None = None
     sequence (degrees picked by the topology-aware mesh builder unless given),
     and makes non-zero ranks return ``None`` unless ``output_on_all_ranks``.
     """
+    transformers = _transformers_of(pipe)
     device = ensure_distributed()
     pipe.to(device)
-    pipe.parallel_layout = parallelize_transformer(pipe.transformer, strategy, ulysses=ulysses,
-                                                   torus=torus, comm=comm, kernel=kernel)
+    # Wan 2.2 denoises with transformer_2 in its low-noise steps: shard every one.
+    layouts = [parallelize_transformer(t, strategy, ulysses=ulysses, torus=torus, comm=comm,
+                                       kernel=kernel) for t in transformers]
+    pipe.parallel_layout = layouts[0]
     if not output_on_all_ranks and dist.get_rank() != 0:
         cls = type(pipe)
-        pipe.__class__ = type(f"NonMainRank{cls.__name__}", (cls,), {"__call__": _call_then_drop})
+        pipe.__class__ = type(f"NonMainRank{cls.__name__}", (cls,), {"__call__": _call_then_drop(cls)})
     return pipe
 
 
-def _call_then_drop(self, *args, **kwargs):
-    super(type(self), self).__call__(*args, **kwargs)  # every rank must run the collectives
-    return None
+def _transformers_of(pipe) -> list[torch.nn.Module]:
+    found = [module for name, module in pipe.components.items()
+             if name.startswith("transformer") and isinstance(module, torch.nn.Module)]
+    if not found:
+        raise ValueError(f"{type(pipe).__name__} has no transformer to split: enable_parallel serves "
+                         f"diffusion-transformer pipelines (Flux, Wan, Qwen-Image, LTX-Video, ...)")
+    return found
 
 
-def install() -> None:
-    """Make ``pipe.enable_parallel(...)`` available on every diffusers pipeline."""
-    from diffusers import DiffusionPipeline
-    if not hasattr(DiffusionPipeline, "enable_parallel"):
-        DiffusionPipeline.enable_parallel = enable_parallel
+def _call_then_drop(cls):
+    def call(self, *args, **kwargs):
+        cls.__call__(self, *args, **kwargs)  # every rank must run the collectives
+        return None
+    return call

@@ -53,6 +53,16 @@ def _text_encoders(clip: dict, t5: dict):
             T5EncoderModel(T5Config(vocab_size=vocab, pad_token_id=0, eos_token_id=2, **t5)))
 
 
+def for_inference(pipe):
+    """Put every module in eval mode, as ``from_pretrained`` does: modules built from a
+    config start in training mode, where T5's dropout makes two calls differ."""
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
@@ -70,7 +80,7 @@ def tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip,
                         tokenizer=_word_tokenizer(77), text_encoder_2=t5,
                         tokenizer_2=_word_tokenizer(512), transformer=transformer)
-    pipe.set_progress_bar_config(disable=True)
+    for_inference(pipe)
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
 
 
@@ -110,5 +120,4 @@ def flux_dev_random_pipeline(seed: int = 0, device: str = "cuda", dtype=torch.bf
         torch.set_default_dtype(torch.float32)
     pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=_word_tokenizer(77),
                         text_encoder_2=t5, tokenizer_2=_word_tokenizer(512), transformer=transformer)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device=device, dtype=dtype)
+    return for_inference(pipe).to(device=device, dtype=dtype)

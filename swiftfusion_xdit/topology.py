@@ -33,6 +33,9 @@ def emulate_machines(nodes: int) -> None:
     if nodes <= 1:
         return
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if world % nodes:
+        raise ValueError(f"cannot emulate {nodes} machines with {world} ranks: the machines must hold "
+                         f"equally many ranks; pick a divisor of {world}")
     os.environ["SWIFTFUSION_NODE"] = f"node{rank // (world // nodes)}"
     if os.environ.get("SWIFTFUSION_PACED_GBPS"):
         return

@@ -197,6 +197,7 @@ _REGISTRY: dict[str, tuple[Callable[[int], str | None], Callable[[str], Transpor
     "nccl": (lambda machines: _two_sided_available("nccl"), TwoSidedTransport),
     "nvshmem": (_nvshmem_available, _make_nvshmem),
 }
+COMMS = ("auto", *_REGISTRY)  # what a user may ask for
 
 
 def unavailable_reason(name: str, machines: int = 1) -> str | None:

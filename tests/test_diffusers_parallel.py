@@ -25,13 +25,25 @@ def _latents(pipe, seed):
 
 def _check_strategies(rank, world, strategies, seed):
     import swiftfusion_xdit  # noqa: F401  (adds pipe.enable_parallel)
+    from swiftfusion_xdit import diffusers_integration
     from swiftfusion_xdit.tiny import tiny_flux_pipeline
 
+    calls = []
+    attention = diffusers_integration.torus_attention
+    diffusers_integration.torus_attention = lambda *a, **k: calls.append(1) or attention(*a, **k)
     reference = _latents(tiny_flux_pipeline(seed), seed)
     for strategy in strategies:
+        calls.clear()
         pipe = tiny_flux_pipeline(seed).enable_parallel(strategy, output_on_all_ranks=True)
         err = rel_err(_latents(pipe, seed), reference)
         assert err < 1e-4, f"{strategy}: rel err {err:.2e} ({pipe.parallel_layout.describe()})"
+        # diffusers' own context parallelism would match too: it must have been ours
+        assert len(calls) == 2 * 4, f"{strategy}: {len(calls)} Torus Attention calls, not 2 steps x 4 blocks"
+    # a pipeline run before it is split gives the same result after (eval mode: no dropout)
+    pipe = tiny_flux_pipeline(seed)
+    _latents(pipe, seed)
+    err = rel_err(_latents(pipe.enable_parallel("torus", output_on_all_ranks=True), seed), reference)
+    assert err < 1e-4, f"torus after an unparallelised run: rel err {err:.2e}"
     pipe = tiny_flux_pipeline(seed).enable_parallel("torus")
     out = _run(pipe, seed)
     assert (out is None) == (rank != 0), "only rank 0 returns the result by default"
@@ -62,6 +74,21 @@ def _check_errors(rank, world):
                                 caption_projection_dim=16, pooled_projection_dim=16, out_channels=4)
     with pytest.raises(ValueError, match="SD3Transformer2DModel has no context-parallel plan"):
         parallelize_transformer(sd3, "torus")
+    for strategy, degrees, message in (("ulysses", dict(ulysses=2), "'ulysses' means ulysses=4 on 4 ranks"),
+                                       ("ring", dict(torus=2), "'ring' means torus=4 on 4 ranks"),
+                                       ("auto", dict(ulysses=4), "'auto' picks the degrees itself")):
+        with pytest.raises(LayoutError, match=message + ", so .* cannot be honoured"):
+            enable_parallel(tiny_flux_pipeline(), strategy, **degrees)
+    with pytest.raises(ValueError, match="unknown comm 'infiniband'"):
+        enable_parallel(tiny_flux_pipeline(), "torus", comm="infiniband")
+    pipe = enable_parallel(tiny_flux_pipeline(), "torus")
+    with pytest.raises(RuntimeError, match="FluxTransformer2DModel is already parallel"):
+        enable_parallel(pipe, "usp")
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+    unet = UNet2DModel(sample_size=8, block_out_channels=(8, 8), norm_num_groups=4,
+                       down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
+    with pytest.raises(ValueError, match="DDPMPipeline has no transformer to split"):
+        enable_parallel(DDPMPipeline(unet, DDPMScheduler()), "torus")
 
 
 def _with_heads(transformer, heads):
@@ -315,7 +342,7 @@ def _tiny_wan_pipeline(seed):
     VAE, a 2-layer UMT5 over the word-level tokenizer; random weights, nothing downloaded."""
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
-    from swiftfusion_xdit.tiny import _WORDS, _word_tokenizer
+    from swiftfusion_xdit.tiny import _WORDS, _word_tokenizer, for_inference
     torch.manual_seed(seed)
     transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16,
                                         in_channels=16, out_channels=16, text_dim=32, freq_dim=32, ffn_dim=64,
@@ -327,8 +354,32 @@ def _tiny_wan_pipeline(seed):
                                                num_layers=2, num_heads=4, pad_token_id=0, eos_token_id=2))
     pipe = WanPipeline(tokenizer=_word_tokenizer(64), text_encoder=text_encoder, vae=vae,
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=transformer)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return for_inference(pipe)
+
+
+def _check_wan22_pipeline(rank, world, seed):
+    """Wan 2.2's two-expert pipeline: transformer (high noise) and transformer_2 (low noise,
+    after boundary_ratio) are both split, and together match the unparallelised pipeline."""
+    import swiftfusion_xdit  # noqa: F401
+    from diffusers import WanPipeline
+
+    def two_experts():
+        one, other = _tiny_wan_pipeline(seed), _tiny_wan_pipeline(seed + 1)
+        return WanPipeline(tokenizer=one.tokenizer, text_encoder=one.text_encoder, vae=one.vae,
+                           scheduler=one.scheduler, transformer=one.transformer,
+                           transformer_2=other.transformer, boundary_ratio=0.5)
+    run = lambda pipe: pipe(PROMPT, height=64, width=64, num_frames=5, num_inference_steps=2,
+                            max_sequence_length=16, generator=torch.Generator().manual_seed(seed),
+                            output_type="latent").frames
+    reference = run(two_experts())
+    pipe = two_experts().enable_parallel("torus", output_on_all_ranks=True)
+    assert pipe.transformer_2._parallel_config is not None, "transformer_2 left unsplit"
+    err = rel_err(run(pipe), reference)
+    assert err < 1e-4, f"wan 2.2 pipeline: rel err {err:.2e}"
+
+
+def test_wan22_two_experts_are_both_split():
+    run_ranks(_check_wan22_pipeline, 2, 2, 29)
 
 
 def _check_wan_pipeline(rank, world, strategies, seed):
