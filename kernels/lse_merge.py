@@ -7,7 +7,8 @@ Torus Attention folds every block it computes into (out, lse) accumulators:
 
 Written as PyTorch ops that is a dozen kernel launches and as many passes
 over the float32 output, which dominates the host time of the ``a2a``
-exchange's many small blocks (it merges 2T-1 blocks per layer). Here it is
+exchange's many small blocks (3T-3 merges per layer, one more with joint
+queries; ``kv`` merges T-1). Here it is
 one launch, one read of each input and one write of each accumulator. Rows
 with no key on either side (lse -inf: every key masked) stay at -inf and 0.
 

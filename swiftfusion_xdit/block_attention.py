@@ -9,8 +9,11 @@ results over disjoint key sets merge exactly with ``merge_into``:
 
 Kernels are registered by name with the devices they run on; ``pick_kernel``
 chooses the first that fits (cuDNN, then flash, then memory-efficient on CUDA;
-the fused CPU flash kernel on CPU; a float32 reference implementation
-anywhere, used for float64 and for checks). A block whose output is final
+the fused CPU flash kernel on CPU; a reference implementation anywhere, in
+float32 or float64, used for float64 and for checks). CUDA's LSE kernels need
+a head dim that is a multiple of 8; others are zero-padded to one, which is
+exact. The accumulators are float32 whatever the input dtype, so float64
+inputs get float32 accuracy from a multi-block schedule. A block whose output is final
 (the only block of a call: one machine, or cross-attention to gathered keys)
 needs no LSE; ``pick_final_kernel`` lets PyTorch's SDPA choose for it, as the
 unparallelised model does.
@@ -32,9 +35,10 @@ Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch
 
 
 def _math(q, k, v, scale):
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)) * scale
     lse = torch.logsumexp(scores, dim=-1)
-    out = torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), v.float())
+    out = torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), v.to(dtype))
     return out.to(q.dtype), lse
 
 
@@ -75,17 +79,30 @@ KERNELS: dict[str, tuple[Kernel, Callable[[str, torch.dtype, int], bool]]] = {
 
 def pick_kernel(q: torch.Tensor, name: str = "auto") -> Kernel:
     dev, dt, d = q.device.type, q.dtype, q.shape[-1]
+    padded = dev == "cuda" and d % 8 != 0
+    d += -d % 8 if padded else 0
     if name != "auto":
         if name not in KERNELS:
             raise ValueError(f"unknown attention kernel {name!r}; choose from {list(KERNELS)}")
         if not KERNELS[name][1](dev, dt, d):
             raise ValueError(f"attention kernel {name!r} does not run on {dev} with {dt}, "
                              f"head dim {d}")
-        return KERNELS[name][0]
-    for kernel, supported in KERNELS.values():
-        if supported(dev, dt, d):
-            return kernel
-    raise AssertionError("unreachable: 'math' supports everything")
+        kernel = KERNELS[name][0]
+    else:
+        kernel = next(kernel for kernel, supported in KERNELS.values() if supported(dev, dt, d))
+    return pad_head_dim(kernel) if padded and kernel is not _math else kernel
+
+
+def pad_head_dim(kernel: Kernel) -> Kernel:
+    """``kernel`` on q, k, v zero-padded to a head dim that is a multiple of 8 (CUDA's
+    cuDNN, flash and efficient kernels refuse others; SDPA pads the same way). Zero
+    columns add nothing to any score (the scale stays the real head dim's) and give
+    zero output columns, which are sliced off."""
+    def padded(q, k, v, scale):
+        d = q.shape[-1]
+        out, lse = kernel(*(F.pad(x, (0, -d % 8)) for x in (q, k, v)), scale)
+        return out[..., :d], lse
+    return padded
 
 
 def _sdpa_final(q, k, v, scale):
@@ -169,7 +186,7 @@ def attend_kept(attend: Kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         qb = q[b:b + 1]
         if kept.numel() == 0:
             outs.append(torch.zeros_like(qb))
-            lses.append(torch.full(qb.shape[:3], float("-inf"), device=q.device))
+            lses.append(torch.full(qb.shape[:3], float("-inf"), dtype=torch.float32, device=q.device))
             continue
         out, lse = attend(qb, k[b:b + 1].index_select(2, kept), v[b:b + 1].index_select(2, kept), scale)
         outs.append(out)

@@ -52,17 +52,19 @@ Bytes one GPU sends per attention layer, X = (S/(T*U)) * H * D * bytes
 (one rank's shard of one tensor)::
 
   strategy            intra-machine        inter-machine
-  Ulysses (U*T)       -                    4X (P-1)/P, P = U*T, mostly remote
+  Ulysses (U*T)       4X (U-1)/P           4X (T-1)/T, P = U*T, one blocking
+                                           all-to-all
   Ring (U*T)          -                    2X per step on the machine-crossing
                                            hop, (P-1) dependent steps
   USP (U x ring T)    4X (U-1)/U           2X (T-1), relayed ring steps
   torus a2a (U x T)   4X (U-1)/U           4X (T-1)/T, direct peer steps
   torus kv  (U x T)   4X (U-1)/U           2X (T-1), direct peer steps
 
-At T=2 torus a2a, torus kv and USP move the same bytes, and ``auto`` takes
-kv (no output return after the last block); at T=4 a2a moves half of what
-kv/USP move, at T=8 a quarter, and every step overlaps with attention on
-blocks that already arrived.
+torus a2a moves across machines exactly what a flat Ulysses all-to-all
+would; its gain over it is that the T-1 peer steps overlap with attention
+instead of blocking. At T=2 torus a2a, torus kv and USP move the same
+bytes, and ``auto`` takes kv (no output return after the last block); at
+T=4 a2a moves half of what kv/USP move, at T=8 a quarter.
 """
 
 from __future__ import annotations
@@ -121,15 +123,16 @@ def torus_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: S
     pair = transport if isinstance(transport, TransportPair) else TransportPair(transport, transport)
     U, T = groups.ulysses_size, groups.torus_size
     H, D = q.shape[1], q.shape[3]
+    _check_shapes(q, k, v, joint)
+    scale = scale if scale is not None else D ** -0.5
+    if k.shape[2] != q.shape[2]:  # cross-attention: no heads split, one final block
+        return _attend_gathered_keys(q, k, v, groups, pair, pick_final_kernel(q, kernel), scale,
+                                     key_mask, joint)
     exchange = groups.exchange
     if exchange == "auto":
         exchange = choose_exchange(H, U, T)
     _check_heads(H, U, T, exchange)
-    scale = scale if scale is not None else D ** -0.5
     attend = pick_kernel(q, kernel)
-    if k.shape[2] != q.shape[2]:
-        return _attend_gathered_keys(q, k, v, groups, pair, pick_final_kernel(q, kernel), scale,
-                                     key_mask, joint)
 
     qkv = _seq_to_heads((q, k, v), groups.ulysses, pair.ulysses)
     u = dist.get_rank(groups.ulysses) if U > 1 else 0
@@ -161,6 +164,21 @@ def choose_exchange(heads: int, ulysses: int, torus: int) -> str:
     finishes sooner (measured on an emulated 2-machine link: see NOTES.md).
     """
     return "a2a" if torus > 2 and heads % (ulysses * torus) == 0 else "kv"
+
+
+def _check_shapes(q, k, v, joint: Joint | None) -> None:
+    """Every tensor (B, H, ., D) alike; grouped-query K/V must be expanded by the caller."""
+    B, H, _, D = q.shape
+    named = [("k", k), ("v", v)] + ([] if joint is None else
+                                    [(f"joint.{n}", getattr(joint, n)) for n in "qkv"])
+    for name, x in named:
+        if x is not None and (x.dim() != 4 or (x.shape[0], x.shape[1], x.shape[3]) != (B, H, D)):
+            raise ValueError(
+                f"{name} has shape {tuple(x.shape)}, but q is (B, H, S, D) = {tuple(q.shape)}: every "
+                f"tensor needs the same batch, heads and head dim (grouped-query K/V: "
+                f"repeat_interleave its heads to {H} first)")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"k and v hold {k.shape[2]} and {v.shape[2]} tokens; they must match")
 
 
 def _check_heads(H: int, U: int, T: int, exchange: str) -> None:
@@ -376,8 +394,8 @@ def _kv_arrivals(transport: Transport, kv_own: torch.Tensor, t: int, T: int, gro
     With two machines the exchange is a single step, and a transport that
     offers a collective all-gather runs it as one (NCCL's ring all-gather
     outruns its send/recv on network links). Otherwise T-1 shifted peer
-    steps, each posted before the previous block is computed, so every step
-    but the first hides under a block.
+    steps, each posted before the block it overlaps: step 1 under the local
+    block, step s+1 under the block of step s's keys.
     """
     if T == 2 and hasattr(transport, "all_gather"):
         pending = transport.all_gather(kv_own, group)
@@ -404,7 +422,7 @@ class _SlotBuffers:
 
     def __init__(self, own, joint: Joint | None, T: int, t: int, masks: _KeyMasks | None):
         B, h, c, D = own[0].shape  # own: our chunk's Q, K, V (any sequence of three)
-        self.c, self.T = c, T
+        self.c = c
         self.nq = 0 if joint is None or joint.q is None else joint.q.shape[2]
         self.nk = 0 if joint is None else joint.k.shape[2]
         new = lambda n: own[0].new_empty(B, h, n + T * c, D)
@@ -426,13 +444,19 @@ class _SlotBuffers:
                           (self.v, self.nk, qkv[2])):
             buf[:, :, n + slot * self.c: n + (slot + 1) * self.c] = x
 
-    def q_rows(self, first_slot: int, end_slot: int, with_joint: bool) -> slice:
-        start = 0 if with_joint else self.nq + first_slot * self.c
-        return slice(start, self.nq + end_slot * self.c)
+    # Rows along the sequence: "slots" = slots first..end-1; "through" = the joint
+    # rows and slots 0..end-1.
+    def q_slots(self, first: int, end: int) -> slice:
+        return slice(self.nq + first * self.c, self.nq + end * self.c)
 
-    def k_rows(self, first_slot: int, end_slot: int, with_joint: bool) -> slice:
-        start = 0 if with_joint else self.nk + first_slot * self.c
-        return slice(start, self.nk + end_slot * self.c)
+    def k_slots(self, first: int, end: int) -> slice:
+        return slice(self.nk + first * self.c, self.nk + end * self.c)
+
+    def q_through(self, end: int) -> slice:
+        return slice(0, self.nq + end * self.c)
+
+    def k_through(self, end: int) -> slice:
+        return slice(0, self.nk + end * self.c)
 
 
 def _torus_a2a(qkv, joint: Joint | None, group, transport: Transport, attend: Kernel, scale,
@@ -463,21 +487,22 @@ def _torus_a2a(qkv, joint: Joint | None, group, transport: Transport, attend: Ke
                 nxt = a + 1
                 pending = _post(transport, outgoing((t + nxt) % T), (t + nxt) % T, (t - nxt) % T, group)
         # new queries against every key so far (joint keys included)
-        block(slots.q_rows(a, a + 1, False), slots.k_rows(0, a + 1, True))
+        block(slots.q_slots(a, a + 1), slots.k_through(a + 1))
         if a < last:
-            # older queries (and joint queries) against the new keys
-            block(slots.q_rows(0, a, True), slots.k_rows(a, a + 1, a == 0))
+            # older queries (and joint queries) against the new keys; at slot 0 the
+            # joint queries also meet the joint keys
+            block(slots.q_through(a), slots.k_through(1) if a == 0 else slots.k_slots(a, a + 1))
             continue
         # last step: finish slot by slot and send each output home at once
         returns[last] = _send_output(slots, last, t, T, group, transport)
         for b in range(last - 1, 0, -1):
-            block(slots.q_rows(b, b + 1, False), slots.k_rows(last, last + 1, False))
+            block(slots.q_slots(b, b + 1), slots.k_slots(last, last + 1))
             returns[b] = _send_output(slots, b, t, T, group, transport)
-        block(slots.q_rows(0, 1, True), slots.k_rows(last, last + 1, False))
+        block(slots.q_through(1), slots.k_slots(last, last + 1))
 
     dtype, sub = qkv[0].dtype, h // T
     out = seq_major((B, h, c, D), qkv[0])
-    out[:, t * sub:(t + 1) * sub] = slots.out[:, :, slots.q_rows(0, 1, False)]
+    out[:, t * sub:(t + 1) * sub] = slots.out[:, :, slots.q_slots(0, 1)]
     for b, pend in returns.items():  # output step b brings our chunk from torus rank t+b
         p = (t + b) % T
         out[:, p * sub:(p + 1) * sub] = pend.wait()
@@ -487,6 +512,6 @@ def _torus_a2a(qkv, joint: Joint | None, group, transport: Transport, attend: Ke
 
 def _send_output(slots: _SlotBuffers, slot: int, t: int, T: int, group, transport: Transport):
     """Slot ``slot`` is final: send it to its owner t-slot, receive ours from t+slot."""
-    rows = slots.q_rows(slot, slot + 1, False)
+    rows = slots.q_slots(slot, slot + 1)
     final = slots.out[:, :, rows].to(slots.q.dtype)
     return _post(transport, final, (t - slot) % T, (t + slot) % T, group)

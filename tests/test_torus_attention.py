@@ -348,3 +348,22 @@ def test_a_lone_block_lets_sdpa_choose_unless_a_kernel_is_named(monkeypatch, mas
                                          key_mask=None if keep is None else keep[:, 5:])
         assert bool(calls) == via_sdpa
         assert rel_err(out, want) < 1e-5 and rel_err(joint_out, want_joint) < 1e-5
+
+
+def test_mismatched_heads_are_refused_not_dropped():
+    q = torch.randn(1, 4, 8, 16)
+    with pytest.raises(ValueError, match=r"joint.k has shape \(1, 8, 3, 16\), .* same batch, heads and head dim"):
+        torus_attention(q, q, q, SPGroups(None, None), joint=Joint(None, *(torch.randn(1, 8, 3, 16),) * 2))
+    with pytest.raises(ValueError, match=r"k has shape \(1, 2, 8, 16\).*repeat_interleave its heads to 4"):
+        torus_attention(q, q[:, :2], q[:, :2], SPGroups(None, None))
+
+
+def test_padding_the_head_dim_is_exact():
+    """CUDA's LSE kernels take head dims that are multiples of 8 only; others are padded
+    with zeros (checked here with the CPU kernel against the unpadded reference)."""
+    from swiftfusion_xdit.block_attention import pad_head_dim
+    q, k, v = (torch.randn(2, 3, 11, 36) for _ in range(3))
+    out, lse = pad_head_dim(KERNELS["cpu_flash"][0])(q, k, v, 36 ** -0.5)
+    want, want_lse = KERNELS["math"][0](q.double(), k.double(), v.double(), 36 ** -0.5)
+    assert out.shape == q.shape and rel_err(out, want) < 1e-6 and rel_err(lse, want_lse) < 1e-6
+    assert want.dtype == torch.float64  # the reference really is float64
