@@ -20,6 +20,7 @@ import sys
 
 from swiftfusion_xdit.planner import WAN21_14B, ModelShape, bytes_per_layer
 from swiftfusion_xdit.tiny import FLUX_DEV_TRANSFORMER
+from harness import parse_topology, timed_per_step
 from validate_planner import DIFFUSERS, load_probes, load_rank_compute, measured_for, plan_for
 
 
@@ -28,7 +29,7 @@ def xdit_rows(harness):
     compiled = harness.get("compiled", False)
     for row in harness["rows"]:
         r = row.get("result")
-        if row["kind"] != "xdit" or r is None:
+        if row["kind"] != "xdit" or r is None or not timed_per_step(r):
             continue
         if row["name"].startswith("xdit 1 GPU"):  # the reference (a 1x1 topology row is a row)
             one_gpu[("flux-dev", r["height"], compiled)] = r["median_step_ms"]
@@ -36,9 +37,26 @@ def xdit_rows(harness):
         name, topo = row["name"].split()[:2]
         rows.append(dict(path="xdit", model="flux-dev", strategy=name,
                          compiled=compiled, topology=topo, size=r["height"], gpus=r["world"],
-                         ms=r["median_step_ms"], rel_err=row["rel_err_vs_1gpu"], text_in_exchange=False,
+                         ms=r["median_step_ms"], rel_err=row.get("rel_err_vs_1gpu"), text_in_exchange=False,
                          per_layer=r.get("per_layer")))
     return rows, one_gpu
+
+
+def left_out_lines(harnesses) -> list[str]:
+    """Jobs that failed, were skipped, or whose times cannot be read as per-step times."""
+    lines = []
+    for harness in harnesses:
+        for row in harness["rows"]:
+            r = row.get("result")
+            if row.get("skipped") or row.get("rc"):
+                why = f"skipped ({row['skipped']})" if row.get("skipped") else f"failed (rc {row['rc']}, {row.get('log')})"
+            elif r is not None and row["kind"] == "xdit" and not timed_per_step(r):
+                why = ("timed per PipeFusion patch, not per denoising step (a harness fault, fixed "
+                       "after this run)")
+            else:
+                continue
+            lines.append(f"- {row['name']}{' compiled' * harness.get('compiled', False)}: {why}")
+    return ["## Jobs left out of the tables", ""] + lines + [""] if lines else []
 
 
 def diffusers_rows(folder):
@@ -50,10 +68,10 @@ def diffusers_rows(folder):
         model = result.get("model") if result.get("model") in ("flux-dev", "wan2.1-14b") else "flux-dev"
         topo = result.get("topology") or f"{result['nodes']}x{result['world'] // result['nodes']}"
         compiled = result.get("compiled", name.endswith("_compiled.json"))
-        for run in result["runs"]:
-            one_gpu[(model, run["size"], compiled)] = run["one_gpu_ms"]
+        for run in result["runs"]:  # each job measured its own one-GPU reference: ratios use it
+            one_gpu[(model, run["size"], compiled, topo)] = run["one_gpu_ms"]
             rows.append(dict(path="diffusers", model=model, strategy=run["strategy"],
-                             compiled=compiled, topology=topo,
+                             compiled=compiled, topology=topo, one_gpu_ms=run["one_gpu_ms"],
                              size=run["size"], gpus=result["world"], ms=run["parallel_ms"],
                              rel_err=run["rel_err"], text_in_exchange=True, per_layer=run.get("per_layer")))
     return rows, one_gpu
@@ -78,7 +96,7 @@ def plan_of(row):
     """The plan a harness row ran (None where the planner has no such plan)."""
     name = row["strategy"]  # diffusers' unified split has no planner plan; xDiT's names carry theirs
     kind = DIFFUSERS.get(name) if row["path"] == "diffusers" else ("torus" if "torus" in name else "")
-    nodes = int(row["topology"].split("x")[0])
+    nodes = parse_topology(row["topology"])[0]
     return None if kind is None else plan_for(kind, name, row["gpus"], nodes, model_shape(row))
 
 
@@ -90,7 +108,7 @@ def compute_floor_ms(row, rank_compute: dict):
 
 
 def comm_floor_ms(row, inter_GBps):
-    nodes = int(row["topology"].split("x")[0])
+    nodes = parse_topology(row["topology"])[0]
     plan = plan_of(row) if nodes > 1 else None
     if plan is None:
         return None
@@ -143,9 +161,11 @@ def main(folder):
     harness = json.load(open(os.path.join(folder, "harness.json")))
     probes = load_probes(folder)
     x_rows, x_one = xdit_rows(harness)
+    harnesses = [harness]
     compiled_path = os.path.join(folder, "harness_compiled.json")
     if os.path.exists(compiled_path):  # --compile runs: compared with compiled runs only
-        c_rows, c_one = xdit_rows(json.load(open(compiled_path)))
+        harnesses.append(json.load(open(compiled_path)))
+        c_rows, c_one = xdit_rows(harnesses[-1])
         x_rows, x_one = x_rows + c_rows, {**x_one, **c_one}
     d_rows, d_one = diffusers_rows(folder)
     rank_compute = load_rank_compute(os.path.join(folder, "rank_compute.json"))
@@ -161,22 +181,25 @@ def main(folder):
             probe = probes.get(r["topology"])
             floor = comm_floor_ms(r, inter_GBps(probe)) if probe else None
             compute = compute_floor_ms(r, rank_compute)
-            base = one[(r["model"], r["size"], r["compiled"])]
+            base = r.get("one_gpu_ms") or one.get((r["model"], r["size"], r["compiled"]))
             lines.append(f"| {r['topology']} | {size_label(r)} | {shown(r)} | {r['ms']:.1f} | "
-                         f"{base / r['ms']:.2f}x | {base / r['gpus']:.1f} | "
-                         f"{'—' if compute is None else f'{compute:.1f}'} | "
-                         f"{'—' if floor is None else f'{floor:.0f}'} | {r['rel_err']:.1e} |")
-        lines += ["", "One GPU: " + ", ".join(f"{size_label(dict(model=m, size=s))}{' compiled' * c} {t:.1f} ms"
-                                           for (m, s, c), t in sorted(one.items(), key=str)), ""]
-    lines += per_layer_lines(x_rows + d_rows)
+                         f"{_fmt(base and base / r['ms'], '.2f')} | {_fmt(base and base / r['gpus'], '.1f')} | "
+                         f"{_fmt(compute, '.1f')} | {_fmt(floor, '.0f')} | {_fmt(r['rel_err'], '.1e')} |")
+        lines += ["", "One GPU: " + ", ".join(f"{size_label(dict(model=k[0], size=k[1]))}{' compiled' * k[2]}"
+                                           f"{f' ({k[3]} job)' if len(k) > 3 else ''} {t:.1f} ms"
+                                           for k, t in sorted(one.items(), key=str)), ""]
+    lines += per_layer_lines(x_rows + d_rows) + left_out_lines(harnesses)
     lines += ["## torus vs the best xDiT USP split (same run)", "",
               "| topology | size | best torus | torus ms | best USP | USP ms | speedup |",
               "|---|---|---|---|---|---|---|"]
     speedups = []
     for (topo, size, compiled) in sorted({(r["topology"], r["size"], r["compiled"]) for r in x_rows}):
         group = [r for r in x_rows if (r["topology"], r["size"], r["compiled"]) == (topo, size, compiled)]
-        usp = min((r for r in group if "usp" in r["strategy"]), key=lambda r: r["ms"])
-        torus = min((r for r in group if "torus" in r["strategy"]), key=lambda r: r["ms"])
+        usps = [r for r in group if "usp" in r["strategy"]]
+        toruses = [r for r in group if "torus" in r["strategy"]]
+        if not (usps and toruses):  # a side failed or was skipped: nothing to compare
+            continue
+        usp, torus = min(usps, key=lambda r: r["ms"]), min(toruses, key=lambda r: r["ms"])
         label = f"{topo} {size}²{' compiled' * compiled}"
         speedups.append((label, usp["ms"] / torus["ms"]))
         lines.append(f"| {topo} | {size}²{' compiled' * compiled} | {torus['strategy']} | {torus['ms']:.1f} | {shown(usp)} | "
@@ -185,6 +208,13 @@ def main(folder):
         f.write("\n".join(lines) + "\n")
     plot(folder, x_rows + d_rows, speedups, harness["device"])
     print("\n".join(lines))
+
+
+def _fmt(value, spec: str) -> str:
+    """A number, or — where there is none (no reference, no floor); ratios end in x."""
+    if value is None:
+        return "—"
+    return format(value, spec) + ("x" if spec == ".2f" else "")
 
 
 def plot(folder, rows, speedups, device):
@@ -219,5 +249,4 @@ def plot(folder, rows, speedups, device):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     main(sys.argv[1])

@@ -187,6 +187,10 @@ def test_planner_validation_uses_measured_rank_compute_and_the_checks_own_link(t
     check = json.load(open(folder / "flux_check_2x1_nccl.json"))
     check["links"] = {"inter_machine_GBps_per_gpu_per_direction": 4.0, "inter_machine_all_gather_GBps_per_gpu_in": 5.0}
     (folder / "flux_check_2x1_nccl.json").write_text(json.dumps(check))
+    harness = json.load(open(folder / "harness.json"))
+    for row in harness["rows"]:  # as if timed per step (this run timed PipeFusion per patch)
+        row.get("result", {})["timed"] = "per denoising step"
+    (folder / "harness.json").write_text(json.dumps(harness))
     rows = [dict(size=1024, grid="1x2", ranks=2, ulysses=2, torus=1, exchange="kv", compiled=False, ms=120.0,
                  attention_ms_per_layer=0.25, other_ms_per_layer=1.8),
             dict(size=1024, grid="2x1", ranks=2, ulysses=1, torus=2, exchange="kv", compiled=False, ms=140.0,
@@ -329,3 +333,39 @@ def test_ab_table_compares_each_runs_latents_with_usps(tmp_path):
     table = (tmp_path / "ab.md").read_text()
     assert "| torus_new | 180.0 | 1.0e-02 |" in table and "| usp | 180.0 | 0.0e+00 |" in table
     assert "| torus_old | failed | - |" in table
+
+
+def test_pipefusion_timed_per_patch_is_left_out_and_each_plan_keeps_its_best_run(tmp_path):
+    """h200x2's PipeFusion rows timed each patch (xfuser calls back per patch): the report
+    and the planner check leave them out and say so. Torus over NCCL and over NVSHMEM run
+    one plan: the planner check compares with the faster of the two."""
+    import report
+    import validate_planner
+    folder = tmp_path / "run"
+    shutil.copytree(os.path.join(BENCH, "results", "h200x2"), folder)
+    report.main(str(folder))
+    table = (folder / "report.md").read_text()
+    assert "| 1x2 | 1024² | xdit-pipefusion-2 |" not in table
+    assert "- xdit-pipefusion-2 1x2 1024: timed per PipeFusion patch, not per denoising step" in table
+    validate_planner.main(str(folder))
+    out = json.load(open(folder / "planner_validation.json"))
+    assert not any("pipefusion" in r["run"] for r in out["rows"])
+    for choice in out["choices"]:
+        same = [r["measured_ms"] for r in out["rows"] if r["exact"] and
+                (r["path"], r["topology"], r["size"]) == (choice["path"], choice["topology"], choice["size"])]
+        assert choice["best_measured_ms"] == min(same)
+
+
+def test_the_diffusers_rows_divide_by_their_own_jobs_one_gpu_time(tmp_path):
+    import report
+    folder = tmp_path / "run"
+    shutil.copytree(os.path.join(BENCH, "results", "h200x2"), folder)
+    report.main(str(folder))
+    table = (folder / "report.md").read_text()
+    for name in ("flux_check_1x2_nccl.json", "flux_check_2x1_nccl.json"):
+        check = json.load(open(folder / name))
+        topo = f"{check['nodes']}x{check['world'] // check['nodes']}"
+        for run in check["runs"]:
+            line = next(l for l in table.splitlines()
+                        if l.startswith(f"| {topo} | {run['size']}² | {run['strategy']} |"))
+            assert f"| {run['one_gpu_ms'] / run['parallel_ms']:.2f}x |" in line, line
