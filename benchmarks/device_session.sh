@@ -15,7 +15,8 @@
 #   graphs     the diffusers path under torch.compile with CUDA graphs, 1xN (--append)
 #   video      Wan 2.1 14B, 81x480x832, on 1xN and 2x(N/2)                 (--append)
 #   rank-compute  (one GPU is enough) one rank's share of each grid, no communication
-#   threads    (one GPU is enough) Torus Attention on every grid, one thread per rank, vs plain attention
+#   threads    (one GPU is enough) Torus Attention on every grid, one thread per rank, vs plain attention;
+#              the LSE kernels at head dims that are not multiples of 8
 #   merge      (one GPU is enough) the fused LSE merge: equality, and eager rank compute with each form
 #   smoke      (one-GPU machines) the harness end to end as topology 1x1 (new OUT_FOLDER): its code
 #              paths, and torus's own overhead beside xDiT's USP at one rank
@@ -49,7 +50,9 @@ case $step in
       --grids 1x1,1x2,1x4,1x8,2x1,2x2,4x1,2x4,4x2,8x1 --compile-grids 1x1,1x2,1x4 --out "$out"
     run timeout 150 python3 benchmarks/rank_compute.py --sizes 4096 --grids 1x1,1x4,1x8 \
       --compile-grids none --out "$out/4096" ;;
-  threads) run timeout 400 python3 benchmarks/thread_ranks_check.py --flux 1024,2048 --out "$out" ;;
+  threads)
+    run timeout 60 python3 benchmarks/head_dim_check.py --out "$out/head_dims"
+    run timeout 400 python3 benchmarks/thread_ranks_check.py --flux 1024,2048 --out "$out" ;;
   merge)
     run timeout 120 python3 benchmarks/merge_check.py --out "$out"
     run timeout 450 python3 benchmarks/rank_compute.py --sizes 1024,2048 --grids 1x1,2x2,4x1,4x2,8x1 \
