@@ -14,7 +14,9 @@ site (shapes and strides) and cached on the buffers.
       CTA (dest p, lane l):  store its tiles -> p.buf[slot][region of s]
                              barrier; atomic_add(p.flag[slot][s], 1, release, sys)
     receiver r:              spin until flag[slot][s] >= epoch * ctas_per_peer
-                             (acquire, sys) for every awaited source s
+                             (acquire, sys) for every awaited source s -- in
+                             wait_flags, or fused into the put kernel (WAIT):
+                             lane 0 of the CTAs sending to p waits for p's flag
 
 With ``COUNTED`` the kernels read the use number from a device counter
 instead of taking it as an argument (CUDA graphs: the replayed graph advances
@@ -95,16 +97,18 @@ def _put_chunks_kernel(src, dst, flags, dst_deltas, flag_deltas, dests, counter,
         if lane == 0:  # the CTAs sending to p also wait for p's data to us
             flag = flags + slot * P + peer
             seen = tl.atomic_add(flag, 0, sem="acquire", scope="sys")
-            while seen < epoch * CTAS_PER_PEER:
+            target = epoch.to(tl.int64) * CTAS_PER_PEER  # int64: epoch * ctas passes 2**31
+            while seen < target:
                 seen = tl.atomic_add(flag, 0, sem="acquire", scope="sys")
 
 
-@triton.jit(do_not_specialize=["slot", "target"])
-def _wait_flags_kernel(flags, sources, counter, slot, P, target, COUNTED: tl.constexpr):
-    if COUNTED:  # target is then the count per epoch
+@triton.jit(do_not_specialize=["slot", "epoch"])
+def _wait_flags_kernel(flags, sources, counter, slot, P, epoch, ctas_per_peer, COUNTED: tl.constexpr):
+    if COUNTED:
         use = tl.load(counter)
         slot = use % 2
-        target = (use + 1) // 2 * target
+        epoch = (use + 1) // 2
+    target = epoch.to(tl.int64) * ctas_per_peer  # int64: epoch * ctas passes 2**31
     src = tl.load(sources + tl.program_id(0))
     flag = flags + slot * P + src
     seen = tl.atomic_add(flag, 0, sem="acquire", scope="sys")
@@ -215,6 +219,7 @@ class _Layout:
 
     def launch(self, src: torch.Tensor, buffers: PeerBuffers, me: int, dests: torch.Tensor, use: int,
                ctas_per_peer: int, wait: bool, counter: torch.Tensor | None = None) -> None:
+        _check_use(use)
         slot = 0 if counter is not None else use % 2  # counted: the kernel picks the slot
         args = (src, self.dsts[slot], buffers.flags, buffers.data_deltas, buffers.flag_deltas, dests,
                 buffers.flags if counter is None else counter, buffers.data[0].numel(),
@@ -224,6 +229,14 @@ class _Layout:
         # all other arguments are fixed per layout (or not specialised on)
         key = (slot, src.data_ptr() % 16 == 0, wait, ctas_per_peer, counter is not None)
         _launch(_put_chunks_kernel, self.compiled, key, dests.numel() * ctas_per_peer, args, constexprs)
+
+
+def _check_use(use: int) -> None:
+    # The epoch goes to the kernels as a 32-bit argument; 2**32 uses of one channel are
+    # billions of layers, but a wrapped epoch would let every wait pass without data.
+    if use >= 2**32 - 2:
+        raise RuntimeError("a peer-copy channel has been used 2**32 times, past what its 32-bit "
+                           "epoch can count; restart the process (or re-create the transport)")
 
 
 def _cached_layout(buffers: PeerBuffers, key, views) -> _Layout:
@@ -238,8 +251,9 @@ def wait_flags(buffers: PeerBuffers, sources: torch.Tensor, use: int, ctas_per_p
     """Wait (on the current stream) until the data of ``use`` (or of the use in
     ``counter``) from every rank in ``sources`` (int64 device tensor) has landed."""
     counted = counter is not None
+    _check_use(use)
     args = (buffers.flags, sources, counter if counted else buffers.flags, use % 2, buffers.group_size,
-            ctas_per_peer if counted else ((use + 1) // 2) * ctas_per_peer)
+            (use + 1) // 2, ctas_per_peer)
     _launch(_wait_flags_kernel, _WAIT_COMPILED, (buffers.group_size, counted), sources.numel(), args,
             dict(COUNTED=counted))
 

@@ -42,6 +42,17 @@ def test_use_counted_on_the_device_picks_the_same_slots():
     _run("counted")
 
 
+@pytest.mark.parametrize("fused", ["wait_flags", "fused_wait"])
+def test_a_wait_past_two_to_the_31_flags_still_waits(fused):
+    """Late in a long-running process epoch * ctas passes 2**31: with 32-bit arithmetic
+    the target wrapped negative and every wait passed without data. The peer never
+    sends, so a correct wait spins until the timeout."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    with pytest.raises(subprocess.TimeoutExpired):
+        subprocess.run([sys.executable, __file__, "late_wait", fused], env=env, capture_output=True,
+                       text=True, timeout=15)
+
+
 def test_collapse_merges_contiguous_dims_and_refuses_four_outer():
     from swiftfusion_xdit.kernels.peer_copy import collapse
     # Ulysses: the (n, B, h, s, D) = (3, 2, 4, 5, 16) chunk of a (3, 2, 8, 5, 16) tensor,
@@ -136,6 +147,20 @@ def _counted() -> None:
     assert all((f[1] == 2 * ctas).all() and (f[0] == ctas).all() for f in flags)
 
 
+def _late_wait() -> None:
+    import torch
+    from swiftfusion_xdit.kernels.peer_copy import all_to_all_put, wait_flags
+    P, ctas, use = 2, 2, 2**31 + 1  # epoch 2**30 + 1: epoch * ctas = 2**31 + 2
+    bufs, flags = _ranks(P, (1, 1, 1, 2 * 4, 16), torch.float32)
+    flags[0][use % 2] = (use + 1) // 2 * ctas - ctas  # every earlier use of the slot arrived
+    if sys.argv[2] == "fused_wait":
+        all_to_all_put(torch.randn(1, 1, 2, 4, 16), 2, 3, bufs[0], 0, torch.tensor([1, 0]), use,
+                       ctas_per_peer=ctas, wait=True)
+    else:
+        wait_flags(bufs[0], torch.tensor([1]), use, ctas)
+    print("returned without the peer's data")
+
+
 if __name__ == "__main__":
-    {"ulysses": _ulysses, "exchange": _exchange, "counted": _counted}[sys.argv[1]]()
+    {"ulysses": _ulysses, "exchange": _exchange, "counted": _counted, "late_wait": _late_wait}[sys.argv[1]]()
     print("passed")
