@@ -1,4 +1,5 @@
-"""``swiftfusion-xdit generate``: run a diffusers pipeline sequence-parallel.
+"""``swiftfusion-xdit generate``: run a diffusers pipeline sequence-parallel;
+``swiftfusion-xdit plan``: rank the SP strategies for a model and cluster.
 
 With no ``--model`` it runs the embedded default: a tiny random-weight Flux
 pipeline (real diffusers classes, nothing downloaded) on 4 CPU ranks with
@@ -21,6 +22,21 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive whole number, not {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
+    return value
+
+
+def _pixels(text: str) -> int:
+    value = _positive(text)
+    if value % 16:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 16 (the VAE's 8 x the 2x2 patches), "
+                                         f"not {text}")
     return value
 
 
@@ -52,14 +68,14 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="rank SP strategies for a model and cluster by predicted step time")
     p.add_argument("--model", default="flux-dev", choices=("flux-dev", "wan2.1-14b"),
                    help="transformer config (real configs, built in)")
-    p.add_argument("--height", type=_positive, default=1024)
-    p.add_argument("--width", type=_positive, default=1024)
+    p.add_argument("--height", type=_pixels, default=1024)
+    p.add_argument("--width", type=_pixels, default=1024)
     p.add_argument("--frames", type=_positive, default=81, help="video models only")
     p.add_argument("--nodes", type=_positive, required=True)
     p.add_argument("--gpus-per-node", type=_positive, required=True)
-    p.add_argument("--inter-bw", type=float, default=None,
+    p.add_argument("--inter-bw", type=_positive_float, default=None,
                    help="GB/s per GPU per direction between machines (400 Gb/s per GPU = 50)")
-    p.add_argument("--intra-bw", type=float, default=None, help="GB/s per GPU inside a machine")
+    p.add_argument("--intra-bw", type=_positive_float, default=None, help="GB/s per GPU inside a machine")
     p.add_argument("--hardware", default="h200", choices=("h200", "probe"),
                    help="compute throughput: measured H200 numbers, or probe this machine (cached)")
     p.add_argument("--include-approximate", action="store_true",
@@ -93,7 +109,7 @@ def plan_report(args) -> str:
     hw = planner.H200 if args.hardware == "h200" else planner.probe_hardware()
     hw = dataclasses.replace(hw, **{k: v for k, v in (("inter_GBps", args.inter_bw),
                                                        ("inter_collective_GBps", args.inter_bw),
-                                                       ("intra_GBps", args.intra_bw)) if v})
+                                                       ("intra_GBps", args.intra_bw)) if v is not None})
     preds = planner.rank_plans(shape, hw, args.nodes, args.gpus_per_node, args.include_approximate)
     lines = [f"{what}: {shape.tokens} tokens, {args.nodes} machine(s) x {args.gpus_per_node} GPU(s); "
              f"GEMM {hw.gemm_tflops:.0f} / attention {hw.attention_tflops:.0f} TFLOP/s, links "

@@ -24,6 +24,7 @@ rank gathers the other machines' K/V, step by step -- works for any head count.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -111,8 +112,12 @@ def plan_layout(topology: Topology, num_heads: int | None, *, ulysses: int | Non
                           f"{world}; choose cfg x dp among {_divisors(world)}")
     sp = world // (cfg * dp)
 
+    if torus_exchange not in ("auto", "a2a", "kv"):
+        raise LayoutError(f"unknown torus exchange {torus_exchange!r}; use 'auto', 'a2a' or 'kv'")
+    fitting = valid_ulysses(sp, per_node, num_heads, check_placement)
+
     if ulysses is None and torus is None:
-        ulysses = _auto_ulysses(sp, per_node, num_heads or 1)
+        ulysses = max(fitting)
         heads = f"divides the {num_heads} heads and " if num_heads else ""
         notes.append(f"ulysses={ulysses}: the largest degree that {heads}"
                      f"fits in one machine's {per_node} ranks")
@@ -121,6 +126,10 @@ def plan_layout(topology: Topology, num_heads: int | None, *, ulysses: int | Non
             raise LayoutError(f"torus degree {torus} does not divide the sequence-parallel size {sp} "
                               f"(world {world} / cfg {cfg} / dp {dp}); choose among {_divisors(sp)}")
         ulysses = sp // torus
+        if ulysses not in fitting:
+            raise LayoutError(f"torus degree {torus} leaves ulysses degree {ulysses} for the rest of the "
+                              f"{sp} sequence-parallel ranks, {_why_not(ulysses, per_node, num_heads)}; "
+                              f"torus degrees that work: {sorted(sp // u for u in fitting)}")
         notes.append(f"ulysses={ulysses}: the rest of the {sp} sequence-parallel ranks")
     if torus is None:
         if sp % ulysses:
@@ -131,25 +140,39 @@ def plan_layout(topology: Topology, num_heads: int | None, *, ulysses: int | Non
 
     dims = ParallelDims(ulysses=ulysses, torus=torus, cfg=cfg, dp=dp)
     if dims.world_size != world:
+        fix = f"; with ulysses={ulysses}, torus must be {sp // ulysses}" if sp % ulysses == 0 else ""
         raise LayoutError(f"dp {dp} x cfg {cfg} x torus {torus} x ulysses {ulysses} = "
                           f"{dims.world_size}, but {world} ranks are running; the product must "
-                          f"equal the world size")
-    if num_heads and num_heads % ulysses:
-        good = [d for d in _divisors(num_heads) if sp % d == 0 and d <= per_node]
-        raise LayoutError(f"{num_heads} attention heads are not divisible by ulysses degree "
-                          f"{ulysses}; ulysses degrees that work here: {good}")
+                          f"equal the world size{fix}")
+    if ulysses not in fitting:
+        if num_heads is not None and num_heads % ulysses:
+            raise LayoutError(f"{num_heads} attention heads are not divisible by ulysses degree "
+                              f"{ulysses}; ulysses degrees that work here: {fitting}")
+        first = next(g for g in TorusLayout(dims, topology, num_heads, "auto").groups("ulysses")
+                     if len({topology.node_of_rank[r] for r in g}) > 1)
+        raise LayoutError(
+            f"ulysses degree {ulysses} puts one all-to-all group on several machines (ranks {first}), "
+            f"but each machine has {per_node} ranks; keep the all-to-all inside a machine (ulysses in "
+            f"{fitting}) and give the rest to the torus degree")
     exchange = _torus_exchange(num_heads, dims, torus_exchange, notes)
-    layout = TorusLayout(dims, topology, num_heads, exchange, tuple(notes))
-    if check_placement:
-        _check_ulysses_inside_machines(layout)
-    _note_placement(layout, notes)
-    return TorusLayout(dims, topology, num_heads, exchange, tuple(notes))
+    layout = TorusLayout(dims, topology, num_heads, exchange)
+    return dataclasses.replace(layout, notes=(*notes, *_placement_notes(layout)))
 
 
-def _auto_ulysses(sp: int, per_node: int, num_heads: int) -> int:
-    reach = min(sp, per_node)  # ranks of one SP group that share a machine
-    fits_heads = (lambda d: num_heads % d == 0) if num_heads > 1 else (lambda d: True)
-    return max(d for d in _divisors(reach) if sp % d == 0 and fits_heads(d))
+def valid_ulysses(sp: int, per_node: int, num_heads: int | None, check_placement: bool = True) -> list[int]:
+    """Ulysses degrees that divide the SP size and the heads and, with ``check_placement``,
+    keep every all-to-all group inside one machine: ranks are laid machine by machine, so
+    groups of ``d`` consecutive ranks stay inside exactly when ``d`` divides a machine's
+    ranks."""
+    return [d for d in _divisors(sp)
+            if (num_heads is None or num_heads % d == 0)
+            and (not check_placement or per_node % d == 0)]
+
+
+def _why_not(ulysses: int, per_node: int, num_heads: int | None) -> str:
+    if num_heads is not None and num_heads % ulysses:
+        return f"which does not divide the {num_heads} heads"
+    return f"more than fits the all-to-all inside one machine of {per_node} ranks"
 
 
 def _torus_exchange(num_heads: int | None, dims: ParallelDims, requested: str,
@@ -163,41 +186,27 @@ def _torus_exchange(num_heads: int | None, dims: ParallelDims, requested: str,
             notes.append(f"torus exchange 'kv': {num_heads} heads do not split over "
                          f"ulysses x torus = {dims.sp}, so K/V travel instead of heads")
         elif dims.torus == 2:
-            notes.append("torus exchange 'kv': with 2 machines it moves the same bytes as "
+            notes.append("torus exchange 'kv': with a torus of 2 it moves the same bytes as "
                          "'a2a' and has no output return to wait for")
         return choice
     if requested == "a2a" and not fits_a2a:
         raise LayoutError(f"torus exchange 'a2a' needs heads divisible by ulysses x torus = "
                           f"{dims.sp}, but there are {num_heads} heads; use 'kv' or 'auto'")
-    if requested not in ("a2a", "kv"):
-        raise LayoutError(f"unknown torus exchange {requested!r}; use 'auto', 'a2a' or 'kv'")
     return requested
 
 
-def _check_ulysses_inside_machines(layout: TorusLayout) -> None:
-    node = layout.topology.node_of_rank
-    for group in layout.groups("ulysses"):
-        if len({node[r] for r in group}) > 1:
-            per_node = layout.topology.gpus_per_node
-            d = layout.dims
-            good = [u for u in _divisors(per_node)
-                    if d.sp % u == 0 and (layout.num_heads or u) % u == 0]
-            raise LayoutError(
-                f"ulysses degree {d.ulysses} puts one all-to-all group on several machines "
-                f"(ranks {group}), but each machine has {per_node} ranks; keep the all-to-all "
-                f"inside a machine (ulysses in {good}) and give the rest to the torus degree")
-
-
-def _note_placement(layout: TorusLayout, notes: list[str]) -> None:
-    node = layout.topology.node_of_rank
-    if layout.dims.torus > 1:
-        spans = all(len({node[r] for r in g}) > 1 for g in layout.groups("torus"))
-        notes.append("torus ring crosses machines" if spans
-                     else "torus ring runs inside a machine")
-    for dim in ("cfg", "dp"):
+def _placement_notes(layout: TorusLayout) -> list[str]:
+    """Where the low-traffic dimensions landed: across machines, inside, or some of each."""
+    node, notes = layout.topology.node_of_rank, []
+    for dim, label in (("torus", "torus ring"), ("cfg", "cfg parallel"), ("dp", "dp parallel")):
         if getattr(layout.dims, dim) > 1:
-            spans = all(len({node[r] for r in g}) > 1 for g in layout.groups(dim))
-            notes.append(f"{dim} parallel {'crosses machines' if spans else 'inside a machine'}")
+            groups = layout.groups(dim)
+            crossing = sum(len({node[r] for r in g}) > 1 for g in groups)
+            where = ("crosses machines" if crossing == len(groups) else
+                     "runs inside a machine" if crossing == 0 else
+                     f"crosses machines in {crossing} of {len(groups)} groups")
+            notes.append(f"{label} {where}")
+    return notes
 
 
 @dataclass

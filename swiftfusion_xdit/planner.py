@@ -203,7 +203,7 @@ def predict(plan: Plan, shape: ModelShape, hw: Hardware, gpus_per_node: int,
         comm = ms(cross_b, hw.inter_GBps if gpus_per_node < P else hw.intra_GBps)
         return Prediction(plan, (gemm + attn + comm) * L, (gemm + attn) * L, 0, comm * L, 0,
                           exact=False, why=["stale activations between steps: output is approximate"])
-    ulysses_local = plan.ulysses <= gpus_per_node
+    ulysses_local = gpus_per_node % plan.ulysses == 0  # ranks go machine by machine (mesh.py)
     intra = ms(intra_b, hw.intra_GBps if ulysses_local else hw.inter_GBps)
     intra += 2 * lat if plan.ulysses > 1 else 0
     if not ulysses_local:
@@ -273,16 +273,22 @@ def probe_hardware(device: str | None = None, cache_dir: str | None = None,
     seconds and cached per host and device name. Link bandwidths are not
     probed here (``benchmarks/link_probe.py`` needs all ranks); the H200
     session's measured values stand in until stated with ``--inter-bw``."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
+    name = torch.cuda.get_device_name(device) if cuda else "cpu"
     cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "swiftfusion-xdit")
     path = os.path.join(cache_dir, f"hardware-{socket.gethostname()}-{name.replace(' ', '_')}.json")
+    links = (H200.intra_GBps, H200.inter_GBps, H200.inter_collective_GBps)  # not probed: see above
     if os.path.exists(path) and not refresh:
-        with open(path) as f:
-            return Hardware(**json.load(f))
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    n = 4096 if device == "cuda" else 512
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        try:  # only the probed compute is cached
+            with open(path) as f:
+                cached = json.load(f)
+            return Hardware(cached["gemm_tflops"], cached["attention_tflops"], *links)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # unreadable or from another version: probe again
+    dtype = torch.bfloat16 if cuda else torch.float32
+    n = 4096 if cuda else 512
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
 
     def tflops(fn, flops, repeats=5):
         fn()
@@ -299,11 +305,11 @@ def probe_hardware(device: str | None = None, cache_dir: str | None = None,
     q = torch.randn(1, 24, s, 128, device=device, dtype=dtype)
     attn = tflops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q),
                   4 * s * s * 24 * 128)
-    hw = Hardware(gemm, attn, H200.intra_GBps, H200.inter_GBps, H200.inter_collective_GBps)
     os.makedirs(cache_dir, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(hw.__dict__, f)
-    return hw
+    with open(path + ".tmp", "w") as f:  # whole or not at all: another process may read it
+        json.dump({"gemm_tflops": gemm, "attention_tflops": attn}, f)
+    os.replace(path + ".tmp", path)
+    return Hardware(gemm, attn, *links)
 
 
 def choose_for(config, nodes: int, gpus_per_node: int, height: int = 1024, width: int = 1024,

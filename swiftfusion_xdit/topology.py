@@ -124,13 +124,18 @@ def _local_link_type() -> str:
 
 
 def link_type_from_topo_matrix(matrix: str) -> str:
-    """Parse ``nvidia-smi topo -m``: the weakest GPU-to-GPU link wins."""
+    """Parse ``nvidia-smi topo -m``: the weakest GPU-to-GPU link wins. Only the GPU
+    columns of the header count: GPU rows also hold their paths to NICs (PIX, NODE...)."""
+    lines = [line.split() for line in matrix.splitlines() if line.strip()]
+    if not lines:
+        return "unknown"
+    gpu_columns = [j for j, name in enumerate(lines[0]) if name.startswith("GPU") and name[3:].isdigit()]
     kinds = set()
-    for line in matrix.splitlines():
-        cells = line.split()
-        if not cells or not cells[0].startswith("GPU"):
+    for cells in lines[1:]:
+        if not (cells[0].startswith("GPU") and cells[0][3:].isdigit()):
             continue
-        for cell in cells[1:]:
+        for j in gpu_columns:
+            cell = cells[1 + j] if 1 + j < len(cells) else ""
             if cell.startswith("NV"):
                 kinds.add("nvlink")
             elif cell in ("PIX", "PXB", "PHB", "NODE", "SYS"):

@@ -41,7 +41,7 @@ def test_four_machines_of_eight_with_cfg_puts_cfg_across_and_torus_of_two_gather
     assert all(len(m) == 2 for m in machines(layout, "cfg"))
     # heads split, but with 2 machines a2a saves no bytes and adds an output return
     assert layout.torus_exchange == "kv"
-    assert any("2 machines" in note for note in layout.notes)
+    assert any("a torus of 2" in note for note in layout.notes)
 
 
 def test_torus_of_four_with_heads_that_split_exchanges_heads():
@@ -109,3 +109,34 @@ def test_link_type_from_nvidia_smi_matrix():
     assert link_type_from_topo_matrix(nvlink) == "nvlink"
     assert link_type_from_topo_matrix(pcie) == "pcie"
     assert link_type_from_topo_matrix("") == "unknown"
+    # GPU rows also hold their paths to NICs: those are not GPU-to-GPU links
+    with_nics = ("\tGPU0\tGPU1\tNIC0\tNIC1\tCPU Affinity\tNUMA Affinity\n"
+                 "GPU0\t X \tNV8\tNODE\tSYS\t0-47\t0\nGPU1\tNV8\t X \tSYS\tPIX\t48-95\t1\n"
+                 "NIC0\tNODE\tSYS\t X \tSYS\nNIC1\tSYS\tPIX\tSYS\t X \n")
+    assert link_type_from_topo_matrix(with_nics) == "nvlink"
+
+
+def test_auto_degrees_fit_machines_when_cfg_or_dp_shrink_the_sp_group():
+    """SP smaller than a machine: the chosen all-to-all degree must still divide a machine
+    (it picked 4 on machines of 6, then refused its own choice)."""
+    layout = plan_layout(Topology.uniform(2, 6), 24, cfg=3)
+    assert layout.dims.ulysses in (1, 2) and all(len(m) == 1 for m in machines(layout, "ulysses"))
+    layout = plan_layout(Topology.uniform(3, 8), None, cfg=2, dp=2)
+    assert 8 % layout.dims.ulysses == 0 and all(len(m) == 1 for m in machines(layout, "ulysses"))
+    assert plan_layout(Topology.uniform(1, 8), 1).dims.ulysses == 1  # one head: nothing to split
+
+
+def test_refusals_name_degrees_that_work():
+    with pytest.raises(LayoutError, match=r"torus degree 1 leaves ulysses degree 8 .* torus degrees that work: \[2, 4, 8\]"):
+        plan_layout(Topology.uniform(2, 4), 24, torus=1)
+    with pytest.raises(LayoutError, match="= 16, but 8 ranks are running; .* with ulysses=4, torus must be 2"):
+        plan_layout(Topology.uniform(2, 4), 24, ulysses=4, torus=4)
+    with pytest.raises(LayoutError, match=r"ulysses degrees that work here: \[1, 2, 3, 6\]"):
+        plan_layout(Topology.uniform(4, 6), 12, ulysses=8)  # the list holds placement too
+    with pytest.raises(LayoutError, match="unknown torus exchange 'ring'"):
+        plan_layout(Topology.uniform(2, 4), None, torus_exchange="ring")
+
+
+def test_mixed_placement_is_said_as_it_is():
+    layout = plan_layout(Topology.uniform(2, 6), 24, cfg=3, ulysses=2)
+    assert "torus ring crosses machines in 2 of 6 groups" in layout.notes, layout.notes

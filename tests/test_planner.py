@@ -1,5 +1,7 @@
 """Cost model arithmetic (bytes per strategy by hand) and plan ranking on synthetic inputs."""
 
+import json
+
 import pytest
 import torch
 
@@ -84,10 +86,34 @@ def test_probe_is_cached_per_machine(tmp_path):
     assert planner.probe_hardware("cpu", cache_dir=str(tmp_path)) == first  # read back, not re-timed
 
 
-def test_plan_command_refuses_an_empty_cluster(capsys):
+def test_an_unreadable_probe_cache_is_probed_again(tmp_path):
+    first = planner.probe_hardware("cpu", cache_dir=str(tmp_path))
+    (cache,) = tmp_path.iterdir()
+    cache.write_text('{"gemm_tflops": 1.0')  # cut short
+    again = planner.probe_hardware("cpu", cache_dir=str(tmp_path))
+    assert again.gemm_tflops > 0 and again.intra_GBps == first.intra_GBps
+    assert set(json.loads(cache.read_text())) == {"gemm_tflops", "attention_tflops"}  # links not frozen
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--nodes", "0", "--gpus-per-node", "8"], "--nodes: must be a positive whole number, not 0"),
+    (["--nodes", "2", "--gpus-per-node", "8", "--inter-bw", "0"], "--inter-bw: must be a positive number, not 0"),
+    (["--nodes", "2", "--gpus-per-node", "8", "--width", "8"], "--width: must be a multiple of 16"),
+])
+def test_plan_command_refuses_what_it_cannot_plan(capsys, argv, message):
     with pytest.raises(SystemExit):
-        cli_main(["plan", "--nodes", "0", "--gpus-per-node", "8"])
-    assert "--nodes: must be a positive whole number, not 0" in capsys.readouterr().err
+        cli_main(["plan", *argv])
+    assert message in capsys.readouterr().err
+
+
+def test_a_ulysses_group_that_does_not_divide_a_machine_takes_the_network():
+    """2 machines of 6: ulysses=4 puts ranks 4-7 on both machines, so its all-to-all is
+    priced at the inter-machine link, not NVLink."""
+    shape = planner.ModelShape.flux(FLUX_DEV_TRANSFORMER, 1024, 1024)
+    spanning = planner.predict(planner.Plan("usp", 4, 3), shape, planner.H200, 6)
+    inside = planner.predict(planner.Plan("usp", 3, 4), shape, planner.H200, 6)
+    assert any("spans machines" in why for why in spanning.why) and not inside.why
+    assert spanning.intra_ms > 10 * inside.intra_ms
 
 
 def test_cost_model_weights_match_the_real_model_classes():
