@@ -240,7 +240,8 @@ class TorusMesh:
 def build_mesh(layout: TorusLayout, device_type: str | None = None) -> TorusMesh:
     """Create the process groups (collective: every rank must call it)."""
     if device_type is None:
-        device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        from .transport import process_group_backend
+        device_type = "cuda" if process_group_backend() == "nccl" else "cpu"
     grid = layout.rank_grid()
     mesh = DeviceMesh(device_type, grid, mesh_dim_names=DIM_NAMES)
     sp_group = None

@@ -17,10 +17,14 @@ those flags, never on a barrier or a matching receive:
   attention of block k starts as soon as block k has landed.
 
 The hot path makes no host NVSHMEM calls, no staging copies and no
-allocations. Results live in a channel slot and stay valid until the
-channel's use after next (``borrows_buffers``; see the kernel module for why
-two slots suffice); Torus Attention consumes them within the layer and
-copies its output out.
+allocations. Results live in a channel slot and stay valid until this
+rank's next use of that channel (a peer that has our data of that use may
+already be writing the use after: see the kernel module for why two slots
+suffice). ``exchange`` also needs every layer to use each peer distance and
+its opposite with the same shape, as the torus schedule does: a rank's next
+write into a slot waits for data the slot's reader sends after it is done.
+Torus Attention consumes each result within the layer and copies its output
+out.
 
 CUDA graphs: eager channels count their uses on the host, which a replayed
 graph would not advance. Under ``torch.compile`` the all-to-all is one
@@ -46,12 +50,13 @@ from __future__ import annotations
 import atexit
 import os
 import re
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
 
-from .transport import join_chunks, split_chunks
+from .transport import _Done, join_chunks, split_chunks
 
 _STATE: dict = {}
 
@@ -90,7 +95,8 @@ def unavailable_reason() -> str | None:
     except ImportError as err:
         return (f"the one-sided path needs nvshmem4py and triton ({err}); install them with "
                 "pip install 'swiftfusion-xdit[nvshmem]' (nvshmem4py-cu13, triton)")
-    if not dist.is_initialized() or dist.get_backend() != "nccl":
+    from .transport import process_group_backend
+    if process_group_backend() != "nccl":
         return "NVSHMEM is bootstrapped from a torch.distributed NCCL process group; none is initialised"
     return None
 
@@ -127,19 +133,37 @@ def init_nvshmem() -> None:
     dist.all_gather_object(uids, nvshmem.get_unique_id(empty=(pe != 0)))
     nvshmem.init(device=device, uid=uids[local[0]], rank=pe, nranks=len(local), initializer_method="uid")
     _STATE.update(nvshmem=nvshmem, pe_of_rank={r: i for i, r in enumerate(local)}, channels={},
-                  symmetric_bytes=0, comm_stream=torch.cuda.Stream())
+                  symmetric_bytes=0, comm_stream=torch.cuda.Stream(), failed=False)
+    _note_uncaught_exceptions()
     atexit.register(shutdown_nvshmem)
 
 
+def _note_uncaught_exceptions() -> None:
+    previous = sys.excepthook
+
+    def hook(*exc_info):
+        _STATE["failed"] = True
+        previous(*exc_info)
+    sys.excepthook = hook
+
+
 def shutdown_nvshmem() -> None:
+    """Free the channels and finalise NVSHMEM (collective: every PE of the machine).
+
+    A rank leaving on an uncaught exception skips it: the other ranks will not join its
+    barrier (or are spinning on flags it never raised), so it would hang instead of
+    exiting and letting the launcher see the failure; process exit frees the memory."""
     if not _STATE:
         return
-    nvshmem = _STATE["nvshmem"]
-    torch.cuda.synchronize()
-    for channel in _STATE["channels"].values():
-        channel.free()
-    nvshmem.finalize()
+    if not _STATE.get("failed"):
+        torch.cuda.synchronize()
+        for channel in _STATE["channels"].values():
+            channel.free()
+        _STATE["nvshmem"].finalize()
     _STATE.clear()
+    for transport in NvshmemTransport.instances:  # their sites point into freed channels
+        transport._sites.clear()
+    NvshmemTransport.instances.clear()
 
 
 def parse_size(text: str) -> int:
@@ -156,7 +180,7 @@ def check_fits(nbytes: int, in_use: int, reserved: int, free: int) -> None:
     """Refuse a channel of ``nbytes`` when the heap (``reserved`` bytes, ``in_use``
     taken) would have to grow by more than the GPU's ``free`` memory, saying what the
     problem needs and what to do."""
-    grow = in_use + nbytes - reserved
+    grow = in_use + nbytes - max(reserved, in_use)  # growth already taken is not asked twice
     if grow > free:
         raise RuntimeError(
             f"comm='nvshmem' needs {nbytes / 2**20:.0f} MiB more symmetric memory for this problem "
@@ -194,7 +218,8 @@ class _Channel:
                 f"the NVSHMEM symmetric heap (NVSHMEM_SYMMETRIC_SIZE="
                 f"{os.environ.get('NVSHMEM_SYMMETRIC_SIZE')}, growth on demand off or failed) cannot "
                 f"hold another {nbytes / 2**20:.0f} MiB for a {tuple(recv_shape)} {dtype} channel: {err}. "
-                f"Set SWIFTFUSION_NVSHMEM_HEAP to at least {total:.1f}G before the first call.") from err
+                f"Set SWIFTFUSION_NVSHMEM_HEAP (or NVSHMEM_SYMMETRIC_SIZE, which wins) to at least "
+                f"{total:.1f}G before the first call.") from err
         _STATE["symmetric_bytes"] += nbytes
         flags.zero_()
         self.buffers = PeerBuffers(data, flags, _peer_deltas(data, ranks), _peer_deltas(flags, ranks))
@@ -270,6 +295,7 @@ class _Pending:
     def __init__(self, channel: _Channel, source: torch.Tensor, use: int, sent: torch.cuda.Event):
         self.channel, self.source, self.use, self.sent = channel, source, use, sent
 
+    @torch.compiler.disable  # a host-counted wait: dynamo must not guard on or bake in its use
     def wait(self) -> torch.Tensor:
         from .kernels.peer_copy import wait_flags
         # our put has read its source before that source's buffer can be reused
@@ -279,27 +305,15 @@ class _Pending:
         return ch.buffers.data[self.use % 2]
 
 
-class _Done:
-    def __init__(self, tensor: torch.Tensor):
-        self.tensor = tensor
-
-    def wait(self) -> torch.Tensor:
-        return self.tensor
-
-
 class NvshmemTransport:
     name = "nvshmem"
-
-    @property
-    def borrows_buffers(self) -> bool:
-        """Eager results are channel slots, valid until the channel's use after next;
-        compiled and captured ones are copies (``all_to_all_counted``)."""
-        return not (torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing())
+    instances: list = []  # their call sites point into channels: dropped when NVSHMEM shuts down
 
     def __init__(self):
         init_nvshmem()
         _STATE["transport"] = self  # the compiled graph's op finds it here
         self._sites: dict = {}  # call site -> (channel, our group rank, peer table): one lookup per call
+        NvshmemTransport.instances.append(self)
 
     def _channel(self, kind: str, recv_shape, dtype, group, chunk_bytes: int) -> _Channel:
         key = (kind, tuple(recv_shape), dtype, tuple(dist.get_process_group_ranks(group)))
@@ -335,6 +349,11 @@ class NvshmemTransport:
         it, and the kernel picks the slot from it. The result is copied out of the slot
         (a slot chosen on the device has no fixed address to hand out)."""
         from .kernels.peer_copy import all_to_all_put, counted_slot
+        key = ("a2a-counted", group, x.shape, x.dtype, scatter_dim, gather_dim)
+        if key not in self._sites and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("the first counted all-to-all of a shape sets up its channel (allocation, "
+                               "barrier), which a CUDA graph capture cannot hold: run the model once under "
+                               "torch.compile, or call all_to_all_counted once, before capturing")
         ch, me, dests = self._a2a_site("a2a-counted", x, group, scatter_dim, gather_dim)
         ch.counter.add_(1)
         all_to_all_put(x, scatter_dim, gather_dim, ch.buffers, me, dests, 0, ctas_per_peer=ch.ctas,

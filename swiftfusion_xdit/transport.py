@@ -125,7 +125,7 @@ class TwoSidedTransport:
             moved = funcol.permute_tensor(send.contiguous().flatten(), [(r + shift) % P for r in range(P)],
                                           group)
             return _FunctionalPending(moved, send.shape)
-        recv = torch.empty_like(send)
+        recv = torch.empty(send.shape, dtype=send.dtype, device=send.device)  # contiguous, whatever send's strides
         ops = [dist.P2POp(dist.irecv, recv, dist.get_global_rank(group, src), group),
                dist.P2POp(dist.isend, send.contiguous(), dist.get_global_rank(group, dst), group)]
         return _TwoSidedPending(dist.batch_isend_irecv(ops), recv)
@@ -165,6 +165,21 @@ def _all_gather_single(*args, **kwargs):
     # torch >= 2.13 renamed all_gather_into_tensor (the older name now warns); GPU images
     # run 2.11. Looked up per call, so wrappers installed later (benchmarks/paced_link.py) apply.
     return (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(*args, **kwargs)
+
+
+def process_group_backend() -> str | None:
+    """The backend that moves CUDA tensors ("nccl") or else CPU tensors ("gloo"), None
+    before init. A group made without a backend name reports "undefined" from
+    ``get_backend()``; its config ("cpu:gloo,cuda:nccl") says what serves each device."""
+    if not dist.is_initialized():
+        return None
+    name = dist.get_backend()
+    if name in ("nccl", "gloo"):
+        return name
+    config = str(dist.get_backend_config())
+    if torch.cuda.is_available() and "cuda:nccl" in config:
+        return "nccl"
+    return "gloo" if "gloo" in config else name
 
 
 def _two_sided_available(name: str) -> str | None:
@@ -214,9 +229,13 @@ def resolve_transports(requested: str, machines: int) -> TransportPair:
     if machines == 1:
         transport = resolve_transport(requested)
         return TransportPair(transport, transport)
-    torus = resolve_transport("auto" if requested == "nvshmem" else requested, machines)
+    # across machines the torus is two-sided whatever was asked: NVSHMEM stores over NVLink
+    torus = TwoSidedTransport(process_group_backend() or "gloo") if requested in ("auto", "nvshmem") \
+        else resolve_transport(requested, machines)
     ulysses = resolve_transport("nvshmem") if requested == "nvshmem" else torus
-    log.info("transports: %s inside each machine, %s between machines", ulysses.name, torus.name)
+    log.info("transports: %s inside each machine, %s between machines%s", ulysses.name, torus.name,
+             " (comm='nvshmem' would run the all-to-all inside each machine over NVSHMEM)"
+             if requested == "auto" and torus.name == "nccl" else "")
     return TransportPair(ulysses, torus)
 
 
@@ -226,29 +245,40 @@ _DEFAULT: dict = {}
 def default_transport() -> Transport:
     """``resolve_transport("auto")``, resolved once per process group backend: a call
     site that passes no transport must not re-resolve (and re-log) on every layer."""
-    backend = dist.get_backend() if dist.is_initialized() else None
+    backend = process_group_backend()
     if backend not in _DEFAULT:
-        _DEFAULT[backend] = resolve_transport("auto")
+        from .topology import detect_topology  # collective, once: NVSHMEM serves one machine only
+        _DEFAULT[backend] = resolve_transport("auto", detect_topology().num_nodes if backend else 1)
     return _DEFAULT[backend]
+
+
+def _on_every_rank(ok: bool) -> bool:
+    """All ranks agree (NCCL all-reduce, MIN). NVSHMEM must serve every rank or none: a rank
+    left on NCCL would never raise the flags that the others' kernels spin on."""
+    flag = torch.tensor([int(ok)], dtype=torch.int32, device="cuda")
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def resolve_transport(requested: str = "auto", machines: int = 1) -> Transport:
     """Pick the transport for a layout over ``machines`` machines; ``auto`` prefers
     NVSHMEM (one machine), then NCCL, then gloo."""
-    backend = dist.get_backend() if dist.is_initialized() else None
+    backend = process_group_backend()
     if requested == "auto":
         if backend != "nccl":
             log.info("transport gloo: the process group backend is %s", backend)
             return TwoSidedTransport("gloo")
-        why_not = unavailable_reason("nvshmem", machines)
+        why_not, transport = unavailable_reason("nvshmem", machines), None
         if why_not is None:
             try:
                 transport = _REGISTRY["nvshmem"][1]("nvshmem")
-                log.info("transport nvshmem: nvshmem4py is installed and initialised")
-                return transport
             except Exception as err:  # installed, but NVSHMEM would not start (NvshmemError is no RuntimeError)
                 why_not = f"it did not initialise: {err}"
-        log.info("transport nccl: NVSHMEM not used (%s)", why_not)
+                log.warning("transport: nvshmem4py is installed but NVSHMEM did not start: %s", err)
+        if _on_every_rank(transport is not None):
+            log.info("transport nvshmem: nvshmem4py is installed and initialised on every rank")
+            return transport
+        log.info("transport nccl: NVSHMEM not used (%s)", why_not or "it did not start on every rank")
         return TwoSidedTransport("nccl")
     why_not = unavailable_reason(requested, machines)
     if why_not:

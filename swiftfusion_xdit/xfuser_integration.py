@@ -56,7 +56,7 @@ from swiftfusion_xdit_autoload import run_after_each_import
 from .mesh import LayoutError, TorusLayout, build_mesh, plan_layout
 from .topology import detect_topology
 from .torus_attention import Joint, SPGroups, seq_major, torus_attention
-from .transport import resolve_transports
+from .transport import process_group_backend, resolve_transports
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ def _refuse_inexact_backend(engine_args) -> None:
 
 def enable_torus(layout: TorusLayout, comm: str = "auto") -> None:
     """Build our groups (same rank layout as xfuser's) and route USP to Torus Attention."""
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    device = "cuda" if process_group_backend() == "nccl" else "cpu"
     mesh = build_mesh(layout, device)
     _STATE.update(groups=SPGroups(mesh.ulysses_group, mesh.torus_group, "auto"),
                   transport=resolve_transports(comm, layout.topology.num_nodes), layout=layout)

@@ -161,9 +161,8 @@ def test_compiles_into_one_graph(nodes, per_node, exchange):
 
 class SlotBorrowing:
     """gloo underneath, but every result lands in one of two slots per channel and is
-    overwritten two uses later -- the NVSHMEM transport's contract (``borrows_buffers``)."""
-
-    borrows_buffers = True
+    overwritten at this rank's next use of the channel -- what the NVSHMEM transport
+    guarantees (a peer may already be writing the use after)."""
 
     def __init__(self):
         from swiftfusion_xdit.transport import TwoSidedTransport
@@ -173,6 +172,7 @@ class SlotBorrowing:
         key = (kind, tuple(result.shape))
         use = self.uses[key] = self.uses.get(key, 0) + 1
         slots = self.slots.setdefault(key, [torch.empty_like(result), torch.empty_like(result)])
+        slots[(use - 1) % 2].fill_(float("nan"))  # the previous use's result is no longer ours
         slots[use % 2].copy_(result)
         return slots[use % 2]
 

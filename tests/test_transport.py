@@ -68,9 +68,35 @@ def test_auto_falls_back_to_nccl_when_nvshmem_does_not_start(monkeypatch, caplog
     monkeypatch.setattr(tr.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(tr.dist, "get_backend", lambda group=None: "nccl")
     monkeypatch.setitem(tr._REGISTRY, "nvshmem", (lambda machines: None, failing_start))
+    monkeypatch.setattr(tr, "_on_every_rank", lambda ok: ok)  # the other ranks agree
     with caplog.at_level("INFO", logger=tr.__name__):
         assert tr.resolve_transport("auto").name == "nccl"
     assert "did not initialise: bootstrap failed" in caplog.text
+
+
+def test_auto_leaves_nvshmem_on_every_rank_when_one_rank_could_not_start_it(monkeypatch, caplog):
+    """Started here, failed on another rank: this rank must not use it either (its kernels
+    would spin on flags the other rank never raises)."""
+    started = type("Started", (), {"name": "nvshmem"})()
+    monkeypatch.setattr(tr.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(tr.dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setitem(tr._REGISTRY, "nvshmem", (lambda machines: None, lambda name: started))
+    monkeypatch.setattr(tr, "_on_every_rank", lambda ok: False)
+    with caplog.at_level("INFO", logger=tr.__name__):
+        assert tr.resolve_transport("auto").name == "nccl"
+    assert "it did not start on every rank" in caplog.text
+    monkeypatch.setattr(tr, "_on_every_rank", lambda ok: ok)
+    assert tr.resolve_transport("auto") is started
+
+
+def test_a_process_group_made_without_a_backend_name_is_read_from_its_config(monkeypatch):
+    monkeypatch.setattr(tr.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(tr.dist, "get_backend", lambda group=None: "undefined")
+    monkeypatch.setattr(tr.dist, "get_backend_config", lambda group=None: "cpu:gloo,cuda:nccl")
+    monkeypatch.setattr(tr.torch.cuda, "is_available", lambda: True)
+    assert tr.process_group_backend() == "nccl"
+    monkeypatch.setattr(tr.torch.cuda, "is_available", lambda: False)
+    assert tr.process_group_backend() == "gloo"
 
 
 def test_nvshmem_runs_one_job_per_machine():
@@ -93,6 +119,8 @@ def test_symmetric_memory_is_checked_against_the_gpu_before_the_heap_grows():
     with pytest.raises(RuntimeError, match=r"needs 600 MiB more .* grow by 376 MiB, but only 300 MiB "
                                            r"of GPU memory is free: use more GPUs per machine"):
         check_fits(600 * MiB, 800 * MiB, 1024 * MiB, free=300 * MiB)
+    # the heap already grew past its first reservation: only the new channel must fit
+    check_fits(512 * MiB, 2048 * MiB, 1024 * MiB, free=1000 * MiB)
 
 
 def _compiled_nvshmem_all_to_all_is_one_graph_op(rank, world):
@@ -144,6 +172,7 @@ def test_transport_pairs_on_a_gpu_job(monkeypatch):
     monkeypatch.setattr(tr.dist, "get_backend", lambda group=None: "nccl")
     monkeypatch.setitem(tr._REGISTRY, "nvshmem", (tr._nvshmem_available, lambda name: FakeNvshmem()))
     monkeypatch.setattr("swiftfusion_xdit.nvshmem_transport.unavailable_reason", lambda: None)
+    monkeypatch.setattr(tr, "_on_every_rank", lambda ok: ok)  # one process stands for all ranks
     names = lambda pair: (pair.ulysses.name, pair.torus.name)
     assert names(tr.resolve_transports("auto", machines=1)) == ("nvshmem", "nvshmem")
     assert names(tr.resolve_transports("auto", machines=2)) == ("nccl", "nccl")
