@@ -60,6 +60,8 @@ def _torus_under_pacing(rank, world, nodes, per_node):
     full = [torch.randn(1, heads, tokens, D, generator=g) for _ in range(3)]
     shard = tokens // world
     lo = mesh.sp_rank * shard
+    from swiftfusion_xdit.transport import default_transport
+    default_transport()  # resolved once per process (it gathers the topology)
     link.charged.clear()  # the topology and mesh set-up exchanged a few bytes too
     out = torus_attention(*(x[:, :, lo:lo + shard] for x in full),
                           SPGroups(mesh.ulysses_group, mesh.torus_group, "kv"))
