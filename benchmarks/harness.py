@@ -206,6 +206,7 @@ def main():
             print(f"{name}: torchrun -n {nproc} {script} {' '.join(job_args)} {env or ''}")
         return
     os.makedirs(args.out, exist_ok=True)
+    _refuse_earlier_results(args.out, args.append)
     summary_path = os.path.join(args.out, f"harness{'_compiled' * args.compile}.json")
     earlier = json.load(open(summary_path)) if args.append and os.path.exists(summary_path) else None
     refs: dict[int, torch.Tensor] = {}
@@ -248,6 +249,16 @@ def main():
         json.dump({"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                    "gpus": g, "topologies": labels,
                    "steps": args.steps, "compiled": args.compile, "rows": rows}, f, indent=2)
+
+
+def _refuse_earlier_results(folder: str, append: bool) -> None:
+    """The report and the planner check read every result file in the folder: a new run
+    into a folder holding another run's files would mix the two under one title."""
+    earlier = [n for n in os.listdir(folder)
+               if n.startswith(("harness", "flux_check_", "wan2.1-14b_check_", "probe_", "xdit_"))]
+    if earlier and not append:
+        raise SystemExit(f"{folder} holds results of an earlier run ({', '.join(sorted(earlier)[:3])}, ...): "
+                         "pass --append to add to that run, or give a new folder")
 
 
 def _reusable_reference(job, earlier: dict, refs: dict) -> bool:

@@ -13,24 +13,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 
 import torch
 import torch.distributed as dist
 
 import paced_link
+from timing import median_ms
 from swiftfusion_xdit.topology import emulate_machines
 
 
 def timed(fn, repeats=10):
-    fn()
-    torch.cuda.synchronize()
-    dist.barrier()
-    t = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / repeats
+    """Seconds per call: the median of ``repeats`` calls, each timed alone after a barrier
+    (one slow call on a shared network link then does not set the figure)."""
+    return median_ms(fn, repeats=repeats, warmup=1, before=dist.barrier) / 1e3
 
 
 def measure_links(nodes: int, mib: int = 64) -> dict:

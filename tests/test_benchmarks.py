@@ -5,6 +5,8 @@ import os
 import shutil
 import sys
 
+import pytest
+
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 sys.path.insert(0, BENCH)
@@ -369,3 +371,11 @@ def test_the_diffusers_rows_divide_by_their_own_jobs_one_gpu_time(tmp_path):
             line = next(l for l in table.splitlines()
                         if l.startswith(f"| {topo} | {run['size']}² | {run['strategy']} |"))
             assert f"| {run['one_gpu_ms'] / run['parallel_ms']:.2f}x |" in line, line
+
+
+def test_a_new_run_into_a_folder_of_an_earlier_run_is_refused(tmp_path):
+    """The report reads every result file in its folder: a fresh run there would mix two runs."""
+    (tmp_path / "flux_check_1x2_nccl.json").write_text("{}")
+    with pytest.raises(SystemExit, match="holds results of an earlier run .*--append"):
+        harness._refuse_earlier_results(str(tmp_path), append=False)
+    harness._refuse_earlier_results(str(tmp_path), append=True)
