@@ -195,24 +195,23 @@ class _Layout:
     """
 
     def __init__(self, send: torch.Tensor, region, buffers: PeerBuffers):
-        if max(buffers.data[0].numel(), send[0].numel() * send.shape[0]) >= 2**31:
+        send_extent = 1 + sum((n - 1) * st for n, st in zip(send.shape, send.stride()))
+        if max(buffers.data[0].numel(), send_extent) >= 2**31:
             raise ValueError("the peer-copy kernels index with 32-bit offsets: a channel slot or a "
                              "send buffer of 2**31 elements or more has to be split into several calls")
-        self.dsts = []
-        for slot in (0, 1):
-            recv_view = region(buffers.data[slot])
-            chunk = send.shape[1:]
-            if send.stride(-1) != 1:
-                raise ValueError("the peer-copy kernels read rows: the tensor's last dimension must be "
-                                 f"contiguous (stride 1), got strides {tuple(send.stride())}")
-            assert recv_view.shape == send.shape and recv_view.stride(-1) == 1  # our own slot layout
-            layout = collapse(chunk, send.stride()[1:], recv_view.stride()[1:])
-            if layout is None:
-                raise ValueError(f"cannot copy a {tuple(chunk)} chunk in 4 strided dims")
-            (G0, G1, R, D), (src_st, dst_st) = layout
-            self.ints = (G0, G1, R, D, send.stride(0), *src_st[:3], recv_view.stride(0), *dst_st[:3])
-            offset = recv_view.storage_offset() - buffers.data.storage_offset()
-            self.dsts.append(buffers.data.view(-1)[offset:] if offset else buffers.data)
+        if send.stride(-1) != 1:
+            raise ValueError("the peer-copy kernels read rows: the tensor's last dimension must be "
+                             f"contiguous (stride 1), got strides {tuple(send.stride())}")
+        views = [region(buffers.data[slot]) for slot in (0, 1)]  # alike but for their offsets
+        assert views[0].shape == send.shape and views[0].stride(-1) == 1  # our own slot layout
+        chunk = send.shape[1:]
+        layout = collapse(chunk, send.stride()[1:], views[0].stride()[1:])
+        if layout is None:
+            raise ValueError(f"cannot copy a {tuple(chunk)} chunk in 4 strided dims")
+        (G0, G1, R, D), (src_st, dst_st) = layout
+        self.ints = (G0, G1, R, D, send.stride(0), *src_st[:3], views[0].stride(0), *dst_st[:3])
+        offsets = [view.storage_offset() - buffers.data.storage_offset() for view in views]
+        self.dsts = [buffers.data.view(-1)[offset:] if offset else buffers.data for offset in offsets]
         block_d = triton.next_power_of_2(self.ints[3])
         self.blocks = (max(1, min(64, 8192 // block_d)), block_d)
         self.compiled: dict = {}  # (slot, src 16-byte aligned, wait, ctas) -> compiled kernel

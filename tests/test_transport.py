@@ -21,6 +21,8 @@ def test_nvshmem_never_serves_a_group_across_machines_emulated_or_not():
     # the machine count comes from the topology, whichever way machines are emulated
     assert "spans 2 machines" in tr.unavailable_reason("nvshmem", machines=2)
     assert "needs an NVIDIA GPU" in tr.unavailable_reason("nvshmem", machines=1)  # inside one: fine
+    with pytest.raises(RuntimeError, match="use comm='nccl' across machines"):
+        tr.resolve_transport("nvshmem", machines=2)
 
 
 def test_transport_pairs_keep_nvshmem_inside_machines():
@@ -31,12 +33,6 @@ def test_transport_pairs_keep_nvshmem_inside_machines():
     # across machines, nvshmem is asked of the Ulysses group only (here: no GPU to give it)
     with pytest.raises(RuntimeError, match="transport 'nvshmem' cannot be used: NVSHMEM needs an NVIDIA GPU"):
         tr.resolve_transports("nvshmem", machines=2)
-
-
-def test_nvshmem_refused_for_a_layout_across_machines():
-    assert "spans 2 machines" in tr.unavailable_reason("nvshmem", machines=2)
-    with pytest.raises(RuntimeError, match="use comm='nccl' across machines"):
-        tr.resolve_transport("nvshmem", machines=2)
 
 
 def test_nccl_on_cpu_says_it_needs_cuda():
