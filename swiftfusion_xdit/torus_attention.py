@@ -31,6 +31,17 @@ With ``exchange="kv"`` (any head count) step 2 instead gathers the other
 machines' K,V (no Q, no output exchange): more bytes, no head constraint.
 T == 1 is plain Ulysses; U == 1 is a pure torus.
 
+On one machine (T == 1) step 1 blocks: nothing else is left to compute while
+it runs. ``head_chunks=G`` splits it by head groups so it can overlap too
+(two-sided transports; the others run the chunks one after another)::
+
+  compute:  attend g0 | attend g1 | attend g2
+  network:  qkv g0 | qkv g1 | out g0, qkv g2 | out g1 | out g2
+
+Each group is exact on its own (attention never mixes heads); the price is G
+smaller exchanges and attention calls, so whether it pays is measured
+(``benchmarks/harness.py``), and the default stays 1.
+
 Joint (text) tokens are replicated on every rank with all heads, like xfuser's
 ``joint_strategy``. Their keys/values are prepended to our own chunk (slot 0),
 so every query sees them exactly once; their queries ride in front of slot 0
@@ -76,7 +87,7 @@ import torch.distributed as dist
 from torch.profiler import record_function
 
 from .block_attention import Kernel, attend_kept, merge_into, pick_final_kernel, pick_kernel
-from .transport import Transport, TransportPair, default_transport, join_chunks, split_chunks
+from .transport import Transport, TransportPair, _Done, default_transport, join_chunks, split_chunks
 
 
 @dataclass
@@ -86,6 +97,7 @@ class SPGroups:
     ulysses: dist.ProcessGroup | None
     torus: dist.ProcessGroup | None
     exchange: str = "a2a"  # or "kv"; "auto": see choose_exchange
+    head_chunks: int = 1  # one machine: the all-to-all in this many head groups, overlapped
 
     @property
     def ulysses_size(self) -> int:
@@ -132,23 +144,29 @@ def torus_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: S
     if exchange == "auto":
         exchange = choose_exchange(H, U, T)
     _check_heads(H, U, T, exchange)
+    _check_head_chunks(groups.head_chunks, H, U, T)
     attend = pick_kernel(q, kernel)
 
-    qkv = _seq_to_heads((q, k, v), groups.ulysses, pair.ulysses)
     u = dist.get_rank(groups.ulysses) if U > 1 else 0
     joint = _head_slice(joint, u * (H // U), H // U)
     masks = None
     if key_mask is not None or (joint is not None and joint.key_mask is not None):
         masks = _KeyMasks.gather(key_mask, q, joint, groups)
 
-    if T == 1:
-        out, joint_out = _local(qkv, joint, pick_final_kernel(q, kernel), scale, masks)
-    elif exchange == "a2a":
-        out, joint_out = _torus_a2a(qkv, joint, groups.torus, pair.torus, attend, scale, masks)
+    if T == 1 and U > 1 and groups.head_chunks > 1:
+        out, joint_out = _ulysses_in_head_chunks((q, k, v), joint, groups.ulysses, pair.ulysses,
+                                                 pick_final_kernel(q, kernel), scale, masks,
+                                                 groups.head_chunks)
     else:
-        out, joint_out = _torus_kv(qkv, joint, groups.torus, pair.torus, attend, scale, masks)
+        qkv = _seq_to_heads((q, k, v), groups.ulysses, pair.ulysses)
+        if T == 1:
+            out, joint_out = _local(qkv, joint, pick_final_kernel(q, kernel), scale, masks)
+        elif exchange == "a2a":
+            out, joint_out = _torus_a2a(qkv, joint, groups.torus, pair.torus, attend, scale, masks)
+        else:
+            out, joint_out = _torus_kv(qkv, joint, groups.torus, pair.torus, attend, scale, masks)
+        out = _heads_to_seq(out, groups.ulysses, pair.ulysses)
 
-    out = _heads_to_seq(out, groups.ulysses, pair.ulysses)
     if joint is None or joint.q is None:
         return out
     if exchange == "a2a" and T > 1:
@@ -191,6 +209,21 @@ def _check_heads(H: int, U: int, T: int, exchange: str) -> None:
         raise ValueError(f"unknown torus exchange {exchange!r}; use 'a2a' or 'kv'")
 
 
+def _check_head_chunks(chunks: int, H: int, U: int, T: int) -> None:
+    if not isinstance(chunks, int) or chunks < 1:
+        raise ValueError(f"head_chunks must be a positive integer, got {chunks!r}")
+    if chunks > 1 and T > 1:
+        raise ValueError(f"head_chunks={chunks} splits the all-to-all of one machine; across "
+                         f"{T} machines the torus steps overlap already: use head_chunks=1")
+    if (H // U) % chunks:
+        raise ValueError(f"head_chunks={chunks} must divide the {H // U} heads each of the {U} "
+                         f"ranks attends to; choose one of {_divisors(H // U)}")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
 # Named ranges so profiler traces can tell the two exchanges apart
 # (benchmarks/torus_device_check.py measures how much of each is hidden).
 def _all_to_all(transport: Transport, x: torch.Tensor, group, scatter_dim: int,
@@ -219,6 +252,51 @@ def _seq_to_heads(qkv: tuple[torch.Tensor, ...], group, transport: Transport):
     U = dist.get_world_size(group)
     send = torch.stack([split_chunks(x, U, 1) for x in qkv], dim=1)  # (U, 3, B, H/U, s, D)
     return _all_to_all(transport, send.flatten(0, 1), group, scatter_dim=0, gather_dim=3)
+
+
+def _ulysses_in_head_chunks(qkv, joint: Joint | None, group, transport: Transport, attend: Kernel,
+                            scale: float, masks, chunks: int):
+    """One machine, the all-to-all split into ``chunks`` head groups: group g+1's
+    exchange is in flight while group g attends, and group g's output travels home
+    while g+1 attends. Returns what ``_local`` after ``_heads_to_seq`` would."""
+    U = dist.get_world_size(group)
+    B, H, s, D = qkv[0].shape
+    hc = H // U // chunks
+    by_dest = [split_chunks(x, U, 1) for x in qkv]  # (U, B, H/U, s, D): heads of rank p
+    overlap = hasattr(transport, "all_to_all_start")
+    # A blocking transport runs the chunks one after another, each result used before the
+    # next call: its results may live in buffers it reuses (NVSHMEM's slots).
+    start = transport.all_to_all_start if overlap else \
+        (lambda x, *args: _Done(transport.all_to_all(x, *args)))
+
+    def send(g: int):
+        heads = slice(g * hc, (g + 1) * hc)
+        packed = torch.stack([x[:, :, heads] for x in by_dest], dim=1).flatten(0, 1)
+        with record_function("ulysses_all_to_all"):
+            return start(packed, group, 0, 3)  # -> (3, B, hc, U*s, D)
+
+    out = seq_major((B, H, s, D), qkv[0])
+    by_source = out.transpose(1, 2).unflatten(2, (U, chunks, hc))  # (B, s, U, G, hc, D)
+
+    def place(g: int, returning) -> None:  # (U*B, hc, s, D), by source rank
+        by_source[:, :, :, g] = returning.wait().unflatten(0, (U, B)).permute(1, 3, 0, 2, 4)
+
+    arriving, returns, joint_outs = send(0), [], []
+    for g in range(chunks):
+        qkv_g = arriving.wait()
+        if overlap and g + 1 < chunks:
+            arriving = send(g + 1)
+        out_g, joint_out_g = _local(qkv_g, _head_slice(joint, g * hc, hc), attend, scale, masks)
+        joint_outs.append(joint_out_g)
+        with record_function("ulysses_all_to_all"):
+            returns.append(start(out_g, group, 2, 0))
+        if not overlap:
+            place(g, returns.pop())
+            if g + 1 < chunks:
+                arriving = send(g + 1)
+    for g, returning in enumerate(returns):
+        place(g, returning)
+    return out, torch.cat(joint_outs, dim=1)
 
 
 def _heads_to_seq(x: torch.Tensor, group, transport: Transport) -> torch.Tensor:

@@ -55,6 +55,9 @@ class Transport(Protocol):
 
     # Optional: ``all_gather(x, group)`` -> Pending of (group size, *x.shape),
     # started now. Torus Attention's K/V exchange uses it where offered.
+    # Optional: ``all_to_all_start(x, group, scatter_dim, gather_dim)`` -> Pending of
+    # what ``all_to_all`` returns, started now: the head-chunked Ulysses schedule
+    # overlaps it with attention (``SPGroups.head_chunks``).
 
 
 @dataclass
@@ -69,13 +72,24 @@ class _TwoSidedPending:
 
 
 @dataclass
-class _GatherPending:
+class _WorkPending:
+    """An async torch.distributed op and the tensor it fills."""
     work: object
-    gathered: torch.Tensor
+    filled: torch.Tensor
 
     def wait(self) -> torch.Tensor:
         self.work.wait()
-        return self.gathered
+        return self.filled
+
+
+@dataclass
+class _Joined:
+    """An all-to-all in flight; its wait lays the received chunks out along ``dim``."""
+    chunks: Pending
+    dim: int
+
+    def wait(self) -> torch.Tensor:
+        return join_chunks(self.chunks.wait(), self.dim)
 
 
 @dataclass
@@ -104,14 +118,20 @@ class TwoSidedTransport:
 
     def all_to_all(self, x: torch.Tensor, group: dist.ProcessGroup, scatter_dim: int = 0,
                    gather_dim: int = 0) -> torch.Tensor:
+        return self.all_to_all_start(x, group, scatter_dim, gather_dim).wait()
+
+    def all_to_all_start(self, x: torch.Tensor, group: dist.ProcessGroup, scatter_dim: int = 0,
+                         gather_dim: int = 0) -> Pending:
+        """The all-to-all, started: NCCL runs it on its own stream, so compute issued
+        before ``wait()`` overlaps it."""
         P = dist.get_world_size(group)
         send = split_chunks(x, P, scatter_dim).contiguous()  # packing copy: NCCL needs it flat
         if torch.compiler.is_compiling():
-            recv = funcol.wait_tensor(funcol.all_to_all_single(send, None, None, group))
-        else:
-            recv = torch.empty_like(send)
-            dist.all_to_all_single(recv, send, group=group)
-        return join_chunks(recv, gather_dim)
+            moved = _FunctionalPending(funcol.all_to_all_single(send, None, None, group), send.shape)
+            return _Joined(moved, gather_dim)
+        recv = torch.empty_like(send)
+        work = dist.all_to_all_single(recv, send, group=group, async_op=True)
+        return _Joined(_WorkPending(work, recv), gather_dim)
 
     def exchange(self, send: torch.Tensor, dst: int, src: int,
                  group: dist.ProcessGroup) -> Pending:
@@ -139,7 +159,7 @@ class TwoSidedTransport:
             return _FunctionalPending(funcol.all_gather_tensor(x.contiguous(), 0, group), (world, *x.shape))
         flat = x.new_empty((world * x.shape[0], *x.shape[1:]))  # received in place: no stacking copy
         work = _all_gather_single(flat, x.contiguous(), group=group, async_op=True)
-        return _GatherPending(work, flat.view(world, *x.shape))
+        return _WorkPending(work, flat.view(world, *x.shape))
 
 
 @dataclass(frozen=True)

@@ -57,12 +57,14 @@ class PeerStepsOnly:
         self.all_to_all, self.exchange = self.inner.all_to_all, self.inner.exchange
 
 
-def _check_grid(rank, world, nodes, per_node, seed, heads, exchange, peer_steps=False):
+def _check_grid(rank, world, nodes, per_node, seed, heads, exchange, peer_steps=False, head_chunks=1,
+                transport=None):
     topo = detect_topology()
     assert topo.num_nodes == nodes and topo.gpus_per_node == per_node
     layout = plan_layout(topo, heads, ulysses=per_node, torus=nodes, torus_exchange=exchange)
     mesh = build_mesh(layout)
-    groups = SPGroups(mesh.ulysses_group, mesh.torus_group, layout.torus_exchange)
+    groups = SPGroups(mesh.ulysses_group, mesh.torus_group, layout.torus_exchange, head_chunks)
+    transport = transport() if transport else PeerStepsOnly() if peer_steps else None
     for dtype, joint_kind, tokens, case_seed in _cases(seed, world):
         g = torch.Generator().manual_seed(case_seed)
         full = [torch.randn(2, heads, tokens, HEAD_DIM, generator=g).to(dtype) for _ in range(3)]
@@ -73,8 +75,7 @@ def _check_grid(rank, world, nodes, per_node, seed, heads, exchange, peer_steps=
         shard = tokens // world
         lo = mesh.sp_rank * shard
         local = [x[:, :, lo:lo + shard] for x in full]
-        result = torus_attention(*local, groups, joint=joint,
-                                 transport=PeerStepsOnly() if peer_steps else None)
+        result = torus_attention(*local, groups, joint=joint, transport=transport)
         out, joint_out = result if isinstance(result, tuple) else (result, None)
         if joint_kind in ("none", "kv_only"):  # with joint queries xfuser's USP contract joins both
             # stored (B, S, H, D): the processors' reshape to (B, S, H*D) that follows is a view
@@ -113,6 +114,19 @@ def test_kv_exchange_by_peer_steps():
     run_ranks(_check_grid, 2, 2, 2, 2, random.randrange(2**31), HEADS, "kv", True)
 
 
+HEAD_CHUNKED = [(2, 3), (2, 4), (4, 2), (4, 6)]  # (ranks, chunks) of one machine, 24 heads
+
+
+@pytest.mark.parametrize("per_node,chunks", HEAD_CHUNKED, ids=[f"1x{g}-hc{c}" for g, c in HEAD_CHUNKED])
+def test_head_chunked_all_to_all_matches_single_process(per_node, chunks):
+    run_ranks(_check_grid, 1, per_node, 1, per_node, random.randrange(2**31), HEADS, "auto", False, chunks)
+
+
+def test_head_chunks_over_a_blocking_transport_that_reuses_its_buffers():
+    # no all_to_all_start: the chunks run one after another, each result used before the next
+    run_ranks(_check_grid, 1, 4, 1, 4, random.randrange(2**31), HEADS, "auto", False, 3, SlotBorrowing)
+
+
 def _strided_rows(rank, world, seed):
     """Inputs whose last dimension has a stride: the raw CPU kernel would read them wrongly,
     so the U == 1 path, which otherwise uses the caller's tensors as they are, copies them."""
@@ -131,12 +145,12 @@ def test_inputs_with_a_strided_last_dimension(nodes):
     run_ranks(_strided_rows, nodes, 1, random.randrange(2**31))
 
 
-def _compiled_grid(rank, world, nodes, per_node, exchange, seed):
+def _compiled_grid(rank, world, nodes, per_node, exchange, seed, head_chunks=1):
     """fullgraph=True: dynamo must trace the whole schedule -- exchanges included -- into one graph."""
     topo = detect_topology()
     layout = plan_layout(topo, HEADS, ulysses=per_node, torus=nodes, torus_exchange=exchange)
     mesh = build_mesh(layout)
-    groups = SPGroups(mesh.ulysses_group, mesh.torus_group, exchange)
+    groups = SPGroups(mesh.ulysses_group, mesh.torus_group, exchange, head_chunks)
     g = torch.Generator().manual_seed(seed)
     tokens = world * 8
     full = [torch.randn(1, HEADS, tokens, HEAD_DIM, generator=g) for _ in range(3)]
@@ -153,10 +167,14 @@ def _compiled_grid(rank, world, nodes, per_node, exchange, seed):
     assert rel_err(joint_out, joint_ref) < 1e-5
 
 
-@pytest.mark.parametrize("nodes,per_node,exchange", [(2, 2, "kv"), (3, 1, "a2a")])
-def test_compiles_into_one_graph(nodes, per_node, exchange):
+COMPILED = [(2, 2, "kv", 1), (3, 1, "a2a", 1), (1, 2, "kv", 3)]  # (..., head_chunks)
+
+
+@pytest.mark.parametrize("nodes,per_node,exchange,head_chunks", COMPILED)
+def test_compiles_into_one_graph(nodes, per_node, exchange, head_chunks):
     """Under torch.compile the exchanges become functional collectives (no graph break)."""
-    run_ranks(_compiled_grid, nodes, per_node, nodes, per_node, exchange, random.randrange(2**31))
+    run_ranks(_compiled_grid, nodes, per_node, nodes, per_node, exchange, random.randrange(2**31),
+              head_chunks)
 
 
 class SlotBorrowing:
@@ -243,6 +261,55 @@ def _pair_routes_each_group(rank, world, seed):
 
 def test_a_transport_pair_serves_each_group_with_its_own_transport():
     run_ranks(_pair_routes_each_group, 2, 2, random.randrange(2**31))
+
+
+class StartCounting(Counting):
+    """Counting, with the asynchronous all-to-all; names each call by its direction."""
+
+    def all_to_all_start(self, x, group, scatter_dim=0, gather_dim=0):
+        self.calls.append("qkv" if gather_dim == 3 else "out")
+        return self.inner.all_to_all_start(x, group, scatter_dim, gather_dim)
+
+
+def _head_chunk_order(rank, world, transport_class, seed):
+    layout = plan_layout(detect_topology(), HEADS, ulysses=world, torus=1)
+    mesh = build_mesh(layout)
+    transport = transport_class()
+    g = torch.Generator().manual_seed(seed)
+    full = [torch.randn(1, HEADS, 8 * world, HEAD_DIM, generator=g) for _ in range(3)]
+    lo = mesh.sp_rank * 8
+    out = torus_attention(*(x[:, :, lo:lo + 8] for x in full),
+                          SPGroups(mesh.ulysses_group, None, head_chunks=3), transport=transport)
+    assert rel_err(out, reference(*full)[0][:, :, lo:lo + 8]) < 1e-5
+    if transport_class is StartCounting:  # chunk g+1's exchange posted before chunk g attends
+        assert transport.calls == ["qkv", "qkv", "out", "qkv", "out", "out"]
+    else:  # blocking: strictly one chunk after another
+        assert transport.calls == ["all_to_all"] * 6
+
+
+@pytest.mark.parametrize("transport_class", [StartCounting, Counting], ids=["async", "blocking"])
+def test_head_chunks_post_the_next_exchange_before_attending(transport_class):
+    run_ranks(_head_chunk_order, 1, 2, transport_class, random.randrange(2**31))
+
+
+def test_bad_head_chunks_are_refused():
+    q = torch.randn(1, 4, 8, 16)
+    torus_attention(q, q, q, SPGroups(None, None, head_chunks=2))  # one rank: nothing to split, fine
+    with pytest.raises(ValueError, match=r"head_chunks=3 must divide the 4 heads .* one of \[1, 2, 4\]"):
+        torus_attention(q, q, q, SPGroups(None, None, head_chunks=3))
+    with pytest.raises(ValueError, match="head_chunks must be a positive integer, got 0"):
+        torus_attention(q, q, q, SPGroups(None, None, head_chunks=0))
+
+
+def _chunks_across_machines(rank, world):
+    groups = SPGroups(None, dist.group.WORLD, head_chunks=2)
+    q = torch.randn(1, 4, 8, 16)
+    with pytest.raises(ValueError, match="across 2 machines the torus steps overlap already"):
+        torus_attention(q, q, q, groups)
+
+
+def test_head_chunks_across_machines_are_refused():
+    run_ranks(_chunks_across_machines, 2, 1)
 
 
 def _check_masked(rank, world, nodes, per_node, exchange, seed, with_joint=True):
