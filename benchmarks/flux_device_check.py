@@ -131,7 +131,8 @@ def main():
     ap.add_argument("--nodes", type=int, default=1)
     ap.add_argument("--model", default="flux-dev", choices=("flux-dev", "wan2.1-14b"))
     ap.add_argument("--sizes", default="1024,2048", help="flux: image side; wan: FRAMESxHxW")
-    ap.add_argument("--strategies", default="torus,usp,ulysses,ring")
+    ap.add_argument("--strategies", default="torus,usp,ulysses,ring",
+                    help="comma-separated; torus[-COMM][+hcN]: over COMM, the all-to-all in N head chunks")
     ap.add_argument("--comm", default="nccl", help="torus transport: nccl or nvshmem")
     ap.add_argument("--compile", action="store_true", help="torch.compile every model, reference too")
     ap.add_argument("--compile-mode", default="default", help="torch.compile mode, e.g. reduce-overhead")
@@ -163,10 +164,11 @@ def main():
         model = build(args.model, 0)
         if strategy.startswith("diffusers-"):
             layout, comm = native_context_parallel(model, strategy, world), "nccl"
-        else:  # "torus" uses --comm; "torus-nvshmem" / "torus-nccl" name it
-            name, _, comm = strategy.partition("-")
+        else:  # "torus" uses --comm; "torus-nvshmem" / "torus-nccl" name it; "+hc2": head_chunks=2
+            base, _, chunks = strategy.partition("+hc")
+            name, _, comm = base.partition("-")
             comm = comm or args.comm
-            layout = parallelize_transformer(model, name, comm=comm)
+            layout = parallelize_transformer(model, name, comm=comm, head_chunks=int(chunks or 1))
         model = maybe_compile(model, args.compile, args.compile_mode)
         for size in sizes:
             out, ms = forward_ms(model, inputs(args.model, size, 7), args.repeats, 3 if args.compile else 1)

@@ -117,6 +117,16 @@ class Progress:
         print(f"[{self.done}/{self.total} {time.time() - self.start:5.0f}s] {name}: {note}", flush=True)
 
 
+HEADS = {"flux-dev": 24, "wan2.1-14b": 40}
+
+
+def head_chunks(heads: int, gpus: int) -> int | None:
+    """The fewest head chunks (> 1) that split each of ``gpus`` ranks' heads evenly: the
+    one-machine torus variant whose all-to-all overlaps attention (None: one head each)."""
+    per_rank = heads // gpus
+    return next((c for c in range(2, per_rank + 1) if per_rank % c == 0), None)
+
+
 def build_plan(args, g: int) -> tuple[list[str], list[tuple]]:
     """Topology labels and the jobs: (kind, name, nproc, script, args, result path, env)."""
     labels = (args.topologies or f"1x{g},2x{g // 2}").split(",")
@@ -163,6 +173,8 @@ def build_plan(args, g: int) -> tuple[list[str], list[tuple]]:
         stem = "flux_check" if model == "flux-dev" else f"{model}_check"
         for topo, nodes, per, gbps in topologies:
             run = strategies  # torus-nvshmem across machines: NVSHMEM inside each, NCCL between
+            chunks = head_chunks(HEADS[model], per) if nodes == 1 and per > 1 else None
+            run = run + [f"torus-nccl+hc{chunks}"] if chunks else run
             plan.append(("diffusers", f"{suite} {topo}", g, "flux_device_check.py",
                          ["--model", model, "--nodes", str(nodes), "--label", topo, "--sizes", model_sizes,
                           "--strategies", ",".join(run), "--repeats", str(repeats), "--out", args.out]

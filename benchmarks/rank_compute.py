@@ -82,14 +82,17 @@ class Loopback:
     def exchange(self, send, dst, src, group):
         return _Done(send)
 
+    def all_to_all_start(self, x, group, scatter_dim=0, gather_dim=0):  # the overlapped order
+        return _Done(self.all_to_all(x, group, scatter_dim, gather_dim))
+
     def all_gather(self, x, group):
         return _Done(x.unsqueeze(0).expand(group.size, *x.shape))
 
 
-def use_torus_attention(U: int, T: int, exchange: str) -> None:
+def use_torus_attention(U: int, T: int, exchange: str, head_chunks: int = 1) -> None:
     """Route FLUX's attention through Torus Attention on a virtual U x T grid."""
     from diffusers.models.transformers import transformer_flux
-    groups = SPGroups(VirtualGroup(U), VirtualGroup(T), exchange)
+    groups = SPGroups(VirtualGroup(U), VirtualGroup(T), exchange, head_chunks)
     transport = Loopback()
 
     def dispatch(query, key, value, attn_mask=None, *args, **kwargs):
@@ -109,6 +112,13 @@ def shard(kw: dict, P: int, rank: int = 0) -> dict:
 
 def exchanges(heads: int, U: int, T: int) -> list[str]:
     return ["kv", "a2a"] if T > 1 and heads % (U * T) == 0 else ["kv"]
+
+
+def head_chunk_counts(asked: str, heads: int, U: int, T: int) -> list[int]:
+    """1, and each asked count that applies: one machine (T == 1) of U > 1 ranks whose
+    heads it divides."""
+    asked = [int(c) for c in asked.split(",")]
+    return [1] + [c for c in asked if c > 1 and T == 1 and U > 1 and (heads // U) % c == 0]
 
 
 def compiled_form(model, compiled: bool, mode: str, scope: str):
@@ -171,6 +181,9 @@ def main():
                     help="torch.compile the whole transformer, or each block (regional compilation)")
     ap.add_argument("--host-ops", action="store_true",
                     help="also record the ops with the most host time in one eager forward")
+    ap.add_argument("--head-chunks", default="1",
+                    help="comma-separated: also time one-machine grids with the all-to-all in this many "
+                         "head chunks (the compute they cost; what they hide needs real ranks)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     if args.compile_scope == "blocks" and args.compile_mode == "reduce-overhead":
@@ -188,8 +201,10 @@ def main():
         full = flux_inputs(str(size), 0)
         for grid in args.grids.split(","):
             T, U = map(int, grid.split("x"))
-            for exchange in exchanges(config["num_attention_heads"], U, T):
-                use_torus_attention(U, T, exchange)
+            heads = config["num_attention_heads"]
+            variants = [(e, c) for e in exchanges(heads, U, T) for c in head_chunk_counts(args.head_chunks, heads, U, T)]
+            for exchange, chunks in variants:
+                use_torus_attention(U, T, exchange, chunks)
                 compiled = [False] + ([True] if size == sizes[0] and grid in args.compile_grids.split(",") else [])
                 # one block (T == 1) merges nothing; compiled runs trace the PyTorch form
                 merges = args.merge.split(",") if T > 1 else ["none"]
@@ -197,6 +212,7 @@ def main():
                     torch._dynamo.reset()
                     block_attention.fused_merge = merge != "torch"
                     row = dict(size=size, grid=grid, ranks=U * T, ulysses=U, torus=T, exchange=exchange,
+                               head_chunks=chunks,
                                compiled=c, compile_mode=args.compile_mode if c else None, merge=merge,
                                compile_scope=args.compile_scope if c else None,
                                tokens=(size // 16) ** 2 + TEXT)
@@ -229,11 +245,12 @@ def write_table(result: dict, path: str) -> None:
     lines = [f"# One rank's compute per forward, {result['device']}", "",
              f"{result['model']}; {result['what']}. Perfect scaling = one-GPU ms / ranks; "
              "efficiency = perfect / measured.", "",
-             "| size | grid (MxG) | exchange | merge | compiled | ms | perfect ms | efficiency | attention ms/layer | other ms/layer | first call s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| size | grid (MxG) | exchange | head chunks | merge | compiled | ms | perfect ms | efficiency | attention ms/layer | other ms/layer | first call s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in ok:
         perfect = one.get((r["size"], r["compiled"]), float("nan")) / r["ranks"]
-        lines.append(f"| {r['size']} | {r['grid']} | {r['exchange']} | {r.get('merge', 'torch')} | "
+        lines.append(f"| {r['size']} | {r['grid']} | {r['exchange']} | {r.get('head_chunks', 1)} | "
+                     f"{r.get('merge', 'torch')} | "
                      f"{compiled_label(r)} | "
                      f"{r['ms']:.1f} | {perfect:.1f} | {perfect / r['ms']:.2f} | "
                      f"{r['attention_ms_per_layer']:.3f} | {r['other_ms_per_layer']:.3f} | "

@@ -82,8 +82,15 @@ class Cluster:
             self.cv.notify_all()
 
     def recv(self, group: ThreadGroup, src: int) -> torch.Tensor:
+        return self.take(self.reserve(group, src))
+
+    def reserve(self, group: ThreadGroup, src: int) -> tuple:
+        """The key of this rank's next receive from ``src``, to be taken later (a collective
+        started now but waited for after later ones were started)."""
         dst = group.members.index(self.rank)
-        key = (group.name, src, dst, self._next("received", (group.name, src)))
+        return (group.name, src, dst, self._next("received", (group.name, src)))
+
+    def take(self, key: tuple) -> torch.Tensor:
         with self.cv:
             if not self.cv.wait_for(lambda: key in self.box or self.failed, timeout=self.timeout_s):
                 raise TimeoutError(f"rank {self.rank} waited {self.timeout_s} s for {key}")
@@ -110,11 +117,15 @@ class ThreadTransport:
         self.c = cluster
 
     def all_to_all(self, x, group, scatter_dim=0, gather_dim=0):
+        return self.all_to_all_start(x, group, scatter_dim, gather_dim).wait()
+
+    def all_to_all_start(self, x, group, scatter_dim=0, gather_dim=0):
         P = len(group.members)
         chunks = split_chunks(x, P, scatter_dim)
         for p in range(P):
             self.c.send(group, p, chunks[p])
-        return join_chunks(torch.stack([self.c.recv(group, p) for p in range(P)]), gather_dim)
+        keys = [self.c.reserve(group, p) for p in range(P)]  # matched in start order
+        return _Later(lambda: join_chunks(torch.stack([self.c.take(key) for key in keys]), gather_dim))
 
     def exchange(self, send, dst, src, group):
         self.c.send(group, dst, send)
@@ -150,11 +161,13 @@ class ThreadDist:
 
 
 def grid_groups(rank: int, machines: int, per: int, exchange: str) -> SPGroups:
-    """Rank t * per + u: the Ulysses group is its machine, the torus group its column."""
+    """Rank t * per + u: the Ulysses group is its machine, the torus group its column.
+    ``exchange`` may name head chunks too: "kv/hc3"."""
     t, u = divmod(rank, per)
     ulysses = ThreadGroup(f"u{t}", tuple(t * per + i for i in range(per))) if per > 1 else None
     torus = ThreadGroup(f"t{u}", tuple(m * per + u for m in range(machines))) if machines > 1 else None
-    return SPGroups(ulysses, torus, exchange)
+    exchange, _, chunks = exchange.partition("/hc")
+    return SPGroups(ulysses, torus, exchange, int(chunks or 1))
 
 
 def on_threads(machines: int, per: int, exchange: str, work) -> list:
@@ -285,12 +298,15 @@ def check_case(machines, per, exchange, dtype, joint_kind, tokens, text, heads, 
 
 
 def grids_and_exchanges(grids: str, heads: int):
-    """Each grid with ``kv``, and with ``a2a`` too where the heads split across all ranks."""
+    """Each grid with ``kv``, and with ``a2a`` too where the heads split across all ranks;
+    one-machine grids also with the all-to-all in head chunks ("kv/hc2": two per rank's heads)."""
     for grid in grids.split(","):
         machines, per = map(int, grid.split("x"))
         yield machines, per, "kv"
         if machines > 1 and heads % (per * machines) == 0:
             yield machines, per, "a2a"
+        if machines == 1 and per > 1 and heads % (2 * per) == 0:
+            yield machines, per, "kv/hc2"
 
 
 def tiny_flux(device: str):

@@ -32,7 +32,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from .mesh import LayoutError, TorusLayout, build_mesh, plan_layout
 from .topology import detect_topology
-from .torus_attention import SPGroups, torus_attention
+from .torus_attention import SPGroups, check_head_chunks, torus_attention
 from .transport import COMMS, TransportPair, resolve_transports
 
 log = logging.getLogger(__name__)
@@ -112,8 +112,11 @@ def _auto_layout(topo, num_heads: int, config) -> TorusLayout:
 
 def parallelize_transformer(transformer: torch.nn.Module, strategy: str = "torus", *,
                             ulysses: int | None = None, torus: int | None = None,
-                            comm: str = "auto", kernel: str = "auto") -> TorusLayout:
-    """Shard a diffusers transformer's sequence over all ranks; attention runs Torus Attention."""
+                            comm: str = "auto", kernel: str = "auto", head_chunks: int = 1) -> TorusLayout:
+    """Shard a diffusers transformer's sequence over all ranks; attention runs Torus Attention.
+
+    ``head_chunks`` > 1 (one machine): the all-to-all runs in that many head groups, each
+    overlapping the previous group's attention (see ``torus_attention``)."""
     if comm not in COMMS:
         raise ValueError(f"unknown comm {comm!r}; choose one of {COMMS}")
     if getattr(transformer, "_parallel_config", None) is not None:
@@ -128,6 +131,8 @@ def parallelize_transformer(transformer: torch.nn.Module, strategy: str = "torus
     device = ensure_distributed()
     layout = plan_strategy(strategy, transformer.config.num_attention_heads, ulysses=ulysses,
                            torus=torus, config=transformer.config)
+    check_head_chunks(head_chunks, transformer.config.num_attention_heads, layout.dims.ulysses,
+                      layout.dims.torus)
     if dist.get_rank() == 0:
         log.info("swiftfusion %s: %s; %s", strategy, layout.describe(), "; ".join(layout.notes))
     if layout.dims.sp == 1:
@@ -137,7 +142,7 @@ def parallelize_transformer(transformer: torch.nn.Module, strategy: str = "torus
                          mesh_dim_names=("ring", "ulysses"))
     cp = TorusContextParallelConfig(
         ring_degree=layout.dims.torus, ulysses_degree=layout.dims.ulysses, mesh=cp_mesh,
-        sp_groups=SPGroups(mesh.ulysses_group, mesh.torus_group, layout.torus_exchange),
+        sp_groups=SPGroups(mesh.ulysses_group, mesh.torus_group, layout.torus_exchange, head_chunks),
         transport=resolve_transports(comm, layout.topology.num_nodes), kernel=kernel)
     config = ParallelConfig(context_parallel_config=cp)
     config.setup(dist.get_rank(), dist.get_world_size(), device, mesh=cp_mesh)
@@ -252,7 +257,7 @@ def _key_padding(attn_mask, batch: int, keys: int):
 
 def enable_parallel(pipe, strategy: str = "torus", *, ulysses: int | None = None,
                     torus: int | None = None, comm: str = "auto", kernel: str = "auto",
-                    output_on_all_ranks: bool = False):
+                    head_chunks: int = 1, output_on_all_ranks: bool = False):
     """Run ``pipe`` sequence-parallel over every rank of the torchrun job.
 
     Places the pipeline on this rank's device, shards the transformer's
@@ -264,7 +269,7 @@ def enable_parallel(pipe, strategy: str = "torus", *, ulysses: int | None = None
     pipe.to(device)
     # Wan 2.2 denoises with transformer_2 in its low-noise steps: shard every one.
     layouts = [parallelize_transformer(t, strategy, ulysses=ulysses, torus=torus, comm=comm,
-                                       kernel=kernel) for t in transformers]
+                                       kernel=kernel, head_chunks=head_chunks) for t in transformers]
     pipe.parallel_layout = layouts[0]
     if not output_on_all_ranks and dist.get_rank() != 0:
         cls = type(pipe)

@@ -144,7 +144,7 @@ def torus_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: S
     if exchange == "auto":
         exchange = choose_exchange(H, U, T)
     _check_heads(H, U, T, exchange)
-    _check_head_chunks(groups.head_chunks, H, U, T)
+    check_head_chunks(groups.head_chunks, H, U, T)
     attend = pick_kernel(q, kernel)
 
     u = dist.get_rank(groups.ulysses) if U > 1 else 0
@@ -209,12 +209,13 @@ def _check_heads(H: int, U: int, T: int, exchange: str) -> None:
         raise ValueError(f"unknown torus exchange {exchange!r}; use 'a2a' or 'kv'")
 
 
-def _check_head_chunks(chunks: int, H: int, U: int, T: int) -> None:
+def check_head_chunks(chunks: int, H: int, U: int, T: int) -> None:
+    """``head_chunks`` serves one machine and must split each rank's H/U heads evenly."""
     if not isinstance(chunks, int) or chunks < 1:
         raise ValueError(f"head_chunks must be a positive integer, got {chunks!r}")
     if chunks > 1 and T > 1:
-        raise ValueError(f"head_chunks={chunks} splits the all-to-all of one machine; across "
-                         f"{T} machines the torus steps overlap already: use head_chunks=1")
+        raise ValueError(f"head_chunks={chunks} splits the all-to-all of one machine; with a torus "
+                         f"degree of {T} the torus steps overlap already: use head_chunks=1, or torus=1")
     if (H // U) % chunks:
         raise ValueError(f"head_chunks={chunks} must divide the {H // U} heads each of the {U} "
                          f"ranks attends to; choose one of {_divisors(H // U)}")

@@ -80,6 +80,12 @@ def test_paced_twins_carry_their_link_and_compiled_runs_leave_them_out():
     assert all(job[6] == {} for job in plan if "2x2p50" not in job[1])  # NCCL-socket runs: no pacing
     diffusers = next(job for job in paced if job[0] == "diffusers")
     assert "torus-nvshmem" in diffusers[4][diffusers[4].index("--strategies") + 1]  # inside machines only
+    strategies = {job[1]: job[4][job[4].index("--strategies") + 1].split(",") for job in plan
+                  if job[0] in ("diffusers", "video")}
+    # one machine also runs the head-chunked all-to-all: FLUX's 6 heads per rank in 2, Wan's 10 in 2
+    assert "torus-nccl+hc2" in strategies["diffusers 1x4"] and "torus-nccl+hc2" in strategies["video 1x4"]
+    assert not any("+hc" in s for name, names in strategies.items() if "2x2" in name for s in names)
+    assert harness.head_chunks(24, 8) == 3 and harness.head_chunks(24, 24) is None
     video = [job for job in plan if job[1] == "video 2x2p50"]
     assert len(video) == 1 and video[0][4][:2] == ["--model", "wan2.1-14b"]
     assert video[0][5].endswith("wan2.1-14b_check_2x2p50_nccl.json")
@@ -235,11 +241,13 @@ def test_rank_compute_runs_one_ranks_shapes_through_torus_attention(monkeypatch)
         reference = model(**kw)[0]
         rank_compute.use_torus_attention(1, 1, "kv")
         assert torch.allclose(model(**kw)[0], reference, atol=1e-5)
-        for U, T, exchange in ((2, 2, "kv"), (1, 4, "kv"), (1, 4, "a2a")):
-            rank_compute.use_torus_attention(U, T, exchange)
+        for U, T, exchange, chunks in ((2, 2, "kv", 1), (1, 4, "kv", 1), (1, 4, "a2a", 1), (2, 1, "kv", 2)):
+            rank_compute.use_torus_attention(U, T, exchange, chunks)
             out = model(**rank_compute.shard(kw, U * T))[0]
             assert out.shape == (1, 64 // (U * T), reference.shape[2])
     assert rank_compute.exchanges(24, 1, 4) == ["kv", "a2a"] and rank_compute.exchanges(24, 1, 1) == ["kv"]
+    counts = rank_compute.head_chunk_counts
+    assert counts("2,3,4", 24, 4, 1) == [1, 2, 3] and counts("2", 24, 2, 2) == [1] and counts("2", 24, 1, 1) == [1]
 
 
 def test_thread_ranks_check_passes_every_grid_and_catches_a_wrong_merge(tmp_path, monkeypatch):
@@ -252,8 +260,10 @@ def test_thread_ranks_check_passes_every_grid_and_catches_a_wrong_merge(tmp_path
     result = json.load(open(tmp_path / "ok" / "thread_ranks_check.json"))
     seen = {(r["grid"], r["exchange"], r["joint"]) for r in result["rows"]}
     assert ("4x1", "a2a", "padded") in seen and ("2x4", "kv", "keys_only") in seen
+    assert ("1x2", "kv/hc2", "padded") in seen  # the head-chunked all-to-all, overlapped order
     model = json.load(open(tmp_path / "ok" / "thread_ranks_flux.json"))  # the whole tiny Flux
-    assert {(r["grid"], r["exchange"]) for r in model["rows"]} >= {("2x2", "kv"), ("4x1", "a2a"), ("2x4", "a2a")}
+    assert {(r["grid"], r["exchange"]) for r in model["rows"]} >= {("2x2", "kv"), ("4x1", "a2a"), ("2x4", "a2a"),
+                                                                   ("1x2", "kv/hc2")}
     monkeypatch.setattr(check.torus_module, "merge_into", lambda *args: None)
     bad = ["--grids", "2x1", "--device", "cpu", "--small", "--flux", "tiny", "--out", str(tmp_path / "bad")]
     assert check.main(bad) == 1

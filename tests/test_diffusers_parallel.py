@@ -53,6 +53,20 @@ def test_every_strategy_matches_single_process_1x4():
     run_ranks(_check_strategies, 1, 4, ("torus", "ulysses", "ring", "usp"), 3)
 
 
+def _check_head_chunks(rank, world, seed):
+    from swiftfusion_xdit.tiny import tiny_flux_pipeline
+    reference = _latents(tiny_flux_pipeline(seed), seed)
+    pipe = tiny_flux_pipeline(seed).enable_parallel("torus", head_chunks=2, output_on_all_ranks=True)
+    groups = pipe.transformer._parallel_config.context_parallel_config.sp_groups
+    assert groups.head_chunks == 2
+    err = rel_err(_latents(pipe, seed), reference)
+    assert err < 1e-4, f"torus head_chunks=2: rel err {err:.2e}"
+
+
+def test_head_chunked_torus_matches_single_process_1x4():
+    run_ranks(_check_head_chunks, 1, 4, 7)
+
+
 def test_torus_and_usp_match_on_two_emulated_machines():
     run_ranks(_check_strategies, 2, 2, ("torus", "usp", "auto"), 5)
 
@@ -79,6 +93,10 @@ def _check_errors(rank, world):
                                        ("auto", dict(ulysses=4), "'auto' picks the degrees itself")):
         with pytest.raises(LayoutError, match=message + ", so .* cannot be honoured"):
             enable_parallel(tiny_flux_pipeline(), strategy, **degrees)
+    with pytest.raises(ValueError, match=r"head_chunks=3 must divide the 2 heads each of the 4 ranks"):
+        enable_parallel(tiny_flux_pipeline(), "torus", head_chunks=3)
+    with pytest.raises(ValueError, match="with a torus degree of 4 the torus steps overlap already"):
+        enable_parallel(tiny_flux_pipeline(), "ring", head_chunks=2)
     with pytest.raises(ValueError, match="unknown comm 'infiniband'"):
         enable_parallel(tiny_flux_pipeline(), "torus", comm="infiniband")
     pipe = enable_parallel(tiny_flux_pipeline(), "torus")

@@ -304,7 +304,7 @@ def test_bad_head_chunks_are_refused():
 def _chunks_across_machines(rank, world):
     groups = SPGroups(None, dist.group.WORLD, head_chunks=2)
     q = torch.randn(1, 4, 8, 16)
-    with pytest.raises(ValueError, match="across 2 machines the torus steps overlap already"):
+    with pytest.raises(ValueError, match="with a torus degree of 2 the torus steps overlap already"):
         torus_attention(q, q, q, groups)
 
 
