@@ -209,14 +209,15 @@ def _check_heads(H: int, U: int, T: int, exchange: str) -> None:
         raise ValueError(f"unknown torus exchange {exchange!r}; use 'a2a' or 'kv'")
 
 
-def check_head_chunks(chunks: int, H: int, U: int, T: int) -> None:
-    """``head_chunks`` serves one machine and must split each rank's H/U heads evenly."""
+def check_head_chunks(chunks: int, H: int | None, U: int, T: int) -> None:
+    """``head_chunks`` serves one machine and must split each rank's H/U heads evenly
+    (H None: not known yet, checked at the first call)."""
     if not isinstance(chunks, int) or chunks < 1:
         raise ValueError(f"head_chunks must be a positive integer, got {chunks!r}")
     if chunks > 1 and T > 1:
         raise ValueError(f"head_chunks={chunks} splits the all-to-all of one machine; with a torus "
                          f"degree of {T} the torus steps overlap already: use head_chunks=1, or torus=1")
-    if (H // U) % chunks:
+    if H is not None and (H // U) % chunks:
         raise ValueError(f"head_chunks={chunks} must divide the {H // U} heads each of the {U} "
                          f"ranks attends to; choose one of {_divisors(H // U)}")
 

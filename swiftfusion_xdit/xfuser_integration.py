@@ -55,7 +55,7 @@ from swiftfusion_xdit_autoload import run_after_each_import
 
 from .mesh import LayoutError, TorusLayout, build_mesh, plan_layout
 from .topology import detect_topology
-from .torus_attention import Joint, SPGroups, seq_major, torus_attention
+from .torus_attention import Joint, SPGroups, check_head_chunks, seq_major, torus_attention
 from .transport import process_group_backend, resolve_transports
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,9 @@ def add_arguments(parser) -> None:
                        choices=("auto", "nccl", "nvshmem"),
                        help="torus transport: auto = NVSHMEM on one machine when it initialises, else "
                             "NCCL; nvshmem across machines = NVSHMEM inside each machine, NCCL between")
+    group.add_argument("--sp-head-chunks", "--sp_head_chunks", dest="sp_head_chunks", type=int, default=1,
+                       help="torus on one machine: run the all-to-all in this many head groups, each "
+                            "overlapping the previous group's attention (default 1: one all-to-all)")
 
 
 def install() -> None:
@@ -107,6 +110,7 @@ def _with_arguments(add):
 def _carry(engine_args, values: dict):
     engine_args.sp_strategy = values.get("sp_strategy", "usp")
     engine_args.sp_comm = values.get("sp_comm", "auto")
+    engine_args.sp_head_chunks = values.get("sp_head_chunks", 1)
     return engine_args
 
 
@@ -118,7 +122,7 @@ def _create_config(engine_args, create_config):
     _ensure_xfuser_distributed()
     layout = plan_xfuser_torus(engine_args)
     configs = create_config(engine_args)
-    enable_torus(layout, engine_args.sp_comm)
+    enable_torus(layout, engine_args.sp_comm, engine_args.sp_head_chunks)
     engine_args._torus_layout = layout
     return configs
 
@@ -206,11 +210,12 @@ def _refuse_inexact_backend(engine_args) -> None:
                           "--use_hybrid_attn_schedule, or use --sp-strategy usp")
 
 
-def enable_torus(layout: TorusLayout, comm: str = "auto") -> None:
+def enable_torus(layout: TorusLayout, comm: str = "auto", head_chunks: int = 1) -> None:
     """Build our groups (same rank layout as xfuser's) and route USP to Torus Attention."""
+    check_head_chunks(head_chunks, layout.num_heads, layout.dims.ulysses, layout.dims.torus)
     device = "cuda" if process_group_backend() == "nccl" else "cpu"
     mesh = build_mesh(layout, device)
-    _STATE.update(groups=SPGroups(mesh.ulysses_group, mesh.torus_group, "auto"),
+    _STATE.update(groups=SPGroups(mesh.ulysses_group, mesh.torus_group, "auto", head_chunks),
                   transport=resolve_transports(comm, layout.topology.num_nodes), layout=layout)
     _route_usp_everywhere()
 
@@ -329,7 +334,8 @@ class TorusStrategy:
         self.layout = plan_xfuser_torus(engine_args)
 
     def activate(self, engine_args, engine_config) -> None:
-        enable_torus(self.layout, getattr(engine_args, "sp_comm", "auto"))
+        enable_torus(self.layout, getattr(engine_args, "sp_comm", "auto"),
+                     getattr(engine_args, "sp_head_chunks", 1))
 
 
 TORUS = TorusStrategy()

@@ -35,12 +35,13 @@ PARSE = """
         add(parser)
         try:
             ns = parser.parse_args(["--model", "m", "--ulysses_degree", "2", "--ring_degree", "2",
-                                    "--sp-strategy", "torus", "--sp-comm", "nccl"])
+                                    "--sp-strategy", "torus", "--sp-comm", "nccl", "--sp-head-chunks", "3"])
         except SystemExit:
             print("rejected"); continue
         args = xFuserArgs.from_cli_args(ns)
         runner = xFuserArgs.from_runner_args(vars(ns))
-        print(args.sp_strategy, args.sp_comm, args.ulysses_degree, args.ring_degree, runner.sp_strategy)
+        print(args.sp_strategy, args.sp_comm, args.ulysses_degree, args.ring_degree, runner.sp_strategy,
+              args.sp_head_chunks)
     ns = parser.parse_args(["--model", "m"])
     print("default", xFuserArgs.from_cli_args(ns).sp_strategy)
 """
@@ -48,7 +49,7 @@ PARSE = """
 
 def test_startup_hook_adds_flag_to_xfusers_own_parsers():
     out = _run_python(PARSE.format(pth_dir=ROOT)).split("\n")
-    assert out[:3] == ["torus nccl 2 2 torus", "torus nccl 2 2 torus", "default usp"]
+    assert out[:3] == ["torus nccl 2 2 torus 3", "torus nccl 2 2 torus 3", "default usp"]
 
 
 def test_startup_hook_imports_nothing_heavy():
@@ -166,6 +167,10 @@ def _refusals(rank, world):
     with pytest.raises(LayoutError, match="cannot honour --attention_backend FLASH_3_FP8"):
         plan_xfuser_torus(_args(["--sp-strategy", "torus", "--attention_backend", "FLASH_3_FP8"]))
     plan_xfuser_torus(_args(["--sp-strategy", "torus", "--attention_backend", "cudnn"]))  # exact: served
+    from swiftfusion_xdit.xfuser_integration import enable_torus
+    layout = plan_xfuser_torus(_args(["--sp-strategy", "torus", "--sp-head-chunks", "2"]))
+    with pytest.raises(ValueError, match="with a torus degree of 2 the torus steps overlap already"):
+        enable_torus(layout, "auto", 2)
     args = _args(["--sp-strategy", "auto", "--model", "black-forest-labs/FLUX.1-dev"])
     choose_strategy(args)  # slow emulated network: one all-gather of K/V hidden under the local block
     assert (args.sp_strategy, args.ulysses_degree, args.ring_degree) == ("torus", 2, 2)
