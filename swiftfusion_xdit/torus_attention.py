@@ -152,6 +152,7 @@ def torus_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: S
     masks = None
     if key_mask is not None or (joint is not None and joint.key_mask is not None):
         masks = _KeyMasks.gather(key_mask, q, joint, groups)
+        masks = None if masks.keeps_every_key else masks  # e.g. one prompt: nothing padded
 
     if T == 1 and U > 1 and groups.head_chunks > 1:
         out, joint_out = _ulysses_in_head_chunks((q, k, v), joint, groups.ulysses, pair.ulysses,
@@ -360,6 +361,7 @@ def _attend_gathered_keys(q, k, v, groups: SPGroups, pair: TransportPair, attend
             keep = torch.cat(_gather_small(keep, group), dim=1)
     if keep is not None:
         _require_some_key(keep)
+        keep = None if bool(keep.all()) else keep
     out, _ = attend_kept(attend, q, kv[0], kv[1], scale, keep)
     return out.to(q.dtype)
 
@@ -374,6 +376,8 @@ class _KeyMasks:
 
     joint: torch.Tensor | None  # (B, S_text) bool
     machines: list[torch.Tensor]  # (B, S/T) bool per torus rank
+    # Checked once per call: masked blocks cost a host sync and a gather per batch item.
+    keeps_every_key: bool = False
 
     @classmethod
     def gather(cls, key_mask, q: torch.Tensor, joint: Joint | None, groups: SPGroups) -> "_KeyMasks":
@@ -386,7 +390,9 @@ class _KeyMasks:
             joint_mask = everything(joint.k.shape[2]) if joint.key_mask is None else \
                 _checked(joint.key_mask, q.shape[0], joint.k.shape[2], "Joint.key_mask")
         masks = cls(joint_mask, _gather_small(machine, groups.torus))
-        _require_some_key(torch.cat(([joint_mask] if joint is not None else []) + masks.machines, 1))
+        every = torch.cat(([joint_mask] if joint is not None else []) + masks.machines, 1)
+        _require_some_key(every)
+        masks.keeps_every_key = bool(every.all())
         return masks
 
     def own(self, t: int) -> torch.Tensor:

@@ -350,6 +350,24 @@ def test_key_padding_without_text_keys(nodes, per_node):
     run_ranks(_check_masked, nodes, per_node, nodes, per_node, "a2a", random.randrange(2**31), False)
 
 
+def test_a_mask_that_keeps_every_key_runs_the_unmasked_kernels(monkeypatch):
+    """Masked blocks cost a host sync and a gather per batch item: a mask with nothing
+    masked (one prompt, no padding) must not take that path."""
+    import importlib
+    module = importlib.import_module("swiftfusion_xdit.torus_attention")  # not the function of that name
+    seen, attend_kept = [], module.attend_kept
+    monkeypatch.setattr(module, "attend_kept", lambda *a: seen.append(a[-1] is None) or attend_kept(*a))
+    q, k, v, jq, jk, jv = (torch.randn(2, 4, n, 16) for n in (8, 8, 8, 3, 3, 3))
+    for keep, plain in ((torch.ones(2, 8, dtype=torch.bool), True),
+                        (torch.ones(2, 8, dtype=torch.bool).index_fill(1, torch.tensor([5]), False), False)):
+        seen.clear()
+        joint = Joint(jq, jk, jv, key_mask=torch.ones(2, 3, dtype=torch.bool))
+        out, joint_out = torus_attention(q, k, v, SPGroups(None, None), joint=joint, key_mask=keep)
+        ref, joint_ref = reference(q, k, v, joint, torch.cat((joint.key_mask, keep), 1))
+        assert rel_err(out, ref) < 1e-5 and rel_err(joint_out, joint_ref) < 1e-5
+        assert seen == [plain], seen
+
+
 def test_a_malformed_key_mask_is_named():
     q = torch.randn(1, 4, 8, 16)
     with pytest.raises(ValueError, match=r"key_mask must be a bool tensor of shape \(batch, keys\) = \(1, 8\)"):
