@@ -38,8 +38,9 @@ def latents_rel_err(folder: str, label: str):
     if not all(os.path.exists(p) for p in paths):
         return None
     import torch
-    run, usp = (torch.load(p, map_location="cpu").double() for p in paths)
-    return ((run - usp).norm() / usp.norm()).item()
+    from accuracy import rel_err
+    run, usp = (torch.load(p, map_location="cpu") for p in paths)
+    return rel_err(run, usp)
 
 
 def main(folder: str) -> None:

@@ -6,7 +6,8 @@
 # Run from the repository root on the device machine with .whl/ carried (it must hold
 # ../shared/tools/device-wheels.sh's wheels and ours: pip wheel --no-deps . -w .whl/).
 # Steps (N = GPUs on the machine):
-#   kernels    one-sided all-to-all vs NCCL on N ranks, CUDA graphs and compile over NVSHMEM
+#   kernels    one-sided all-to-all vs NCCL on N ranks, CUDA graphs and compile over NVSHMEM;
+#              Torus Attention on 2 emulated machines vs one GPU, with the exchange's hidden share
 #   alltoall   NVSHMEM vs NCCL all-to-all microbenchmark
 #   shared     (one-GPU machines) the NVSHMEM checks with 4 processes sharing the GPU (MPS)
 #   harness-1  probes + xDiT + diffusers path, 1xN and 2x(N/2)            (new OUT_FOLDER)
@@ -44,7 +45,9 @@ harness() { run python3 benchmarks/harness.py --gpus "$n" --out "$out" --deadlin
 case $step in
   kernels)
     run timeout 200 torchrun --nproc-per-node "$n" benchmarks/kernel_device_check.py --nvshmem --out "$out"
-    run timeout 200 torchrun --nproc-per-node "$n" benchmarks/shared_gpu_check.py --machines 1 --diffusers --out "$out" ;;
+    run timeout 200 torchrun --nproc-per-node "$n" benchmarks/shared_gpu_check.py --machines 1 --diffusers --out "$out"
+    # issue 2's device check: equality on two emulated machines, and the exchange hidden under compute
+    run timeout 150 torchrun --nproc-per-node "$n" benchmarks/torus_device_check.py --nodes 2 --out "$out" ;;
   rank-compute)
     run timeout 400 python3 benchmarks/rank_compute.py --sizes 1024,2048 \
       --grids 1x1,1x2,1x4,1x8,2x1,2x2,4x1,2x4,4x2,8x1 --compile-grids 1x1,1x2,1x4 --out "$out"
@@ -57,7 +60,8 @@ case $step in
     run timeout 120 python3 benchmarks/merge_check.py --out "$out"
     run timeout 450 python3 benchmarks/rank_compute.py --sizes 1024,2048 --grids 1x1,2x2,4x1,4x2,8x1 \
       --compile-grids none --merge torch,fused --host-ops --out "$out/rank_compute" ;;
-  alltoall)  run timeout 500 torchrun --nproc-per-node "$n" benchmarks/alltoall_bench.py --out "$out" ;;
+  alltoall)  run timeout 500 torchrun --nproc-per-node "$n" benchmarks/alltoall_bench.py --out "$out"
+             run python3 benchmarks/alltoall_report.py "$out/alltoall_${n}gpu.json" ;;  # table and plot
   shared)    # one GPU: four processes share it under CUDA MPS (correctness only, nothing timed)
     export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps CUDA_MPS_LOG_DIRECTORY=/tmp/mpslog
     mkdir -p /tmp/mps /tmp/mpslog && nvidia-cuda-mps-control -d

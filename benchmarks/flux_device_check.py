@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 import paced_link
+from accuracy import rel_err
 from link_probe import measure_links
 from kernel_breakdown import profile_step, slowest_rank
 from swiftfusion_xdit.topology import emulate_machines
@@ -173,7 +174,7 @@ def main():
         for size in sizes:
             out, ms = forward_ms(model, inputs(args.model, size, 7), args.repeats, 3 if args.compile else 1)
             ref, ref_ms = refs[size]
-            err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+            err = rel_err(out, ref)
             result["runs"].append({"strategy": strategy, "comm": comm,
                                    "layout": layout if isinstance(layout, str) else layout.describe(),
                                    "size": int(size) if size.isdigit() else size,

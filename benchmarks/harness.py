@@ -40,6 +40,8 @@ import time
 
 import torch
 
+from accuracy import rel_err
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -102,10 +104,6 @@ def timed_per_step(result: dict) -> bool:
     """Whether an xDiT row's times are per denoising step. Runs before the fix timed each
     PipeFusion patch (xfuser calls back once per patch) and carry no "timed" mark."""
     return result.get("timed") == "per denoising step" or result.get("pipefusion_parallel_degree", 1) == 1
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 class Progress:

@@ -16,13 +16,10 @@ import os
 
 import torch
 
+from accuracy import rel_err
 from swiftfusion_xdit.block_attention import KERNELS, merge_into, pick_kernel
 
 TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3}
-
-
-def rel(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def check(d: int, dtype, name: str) -> dict:
@@ -40,7 +37,7 @@ def check(d: int, dtype, name: str) -> dict:
             merge_into(*acc, block_out, block_lse.float())
     except Exception as err:  # noqa: BLE001 -- the row says what failed
         return {**row, "ok": False, "error": f"{type(err).__name__}: {err}"[:300]}
-    errs = {"out": rel(out, want), "lse": rel(lse, want_lse), "merged": rel(acc[0], want)}
+    errs = {"out": rel_err(out, want), "lse": rel_err(lse, want_lse), "merged": rel_err(acc[0], want)}
     return {**row, **{f"rel_err_{k}": v for k, v in errs.items()},
             "ok": max(errs.values()) < TOL[dtype]}
 

@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from accuracy import rel_err
 from swiftfusion_xdit import block_attention
 from swiftfusion_xdit.block_attention import merge_into, pick_kernel
 from timing import median_ms
@@ -66,7 +67,7 @@ def check_blocks_equal_full_attention(tokens: int) -> dict:
     for kb, vb in zip(k.split(tokens // 4, dim=2), v.split(tokens // 4, dim=2)):
         merge_into(out, lse, *attend(q, kb, vb, 128 ** -0.5))
     full, _ = attend(q, k, v, 128 ** -0.5)
-    rel = ((out.to(q.dtype).float() - full.float()).norm() / full.float().norm()).item()
+    rel = rel_err(out.to(q.dtype), full)
     return {"tokens": tokens, "rel_err": rel, "ok": rel < 2e-2}
 
 

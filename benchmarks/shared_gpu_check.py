@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from accuracy import rel_err
 from swiftfusion_xdit.nvshmem_transport import _STATE, NvshmemTransport
 from swiftfusion_xdit.topology import emulate_machines
 from swiftfusion_xdit.torus_attention import Joint, SPGroups, torus_attention
@@ -97,8 +98,7 @@ def check_torus_attention(nv, group, image_tokens, seed, padded=False):
                                      key_mask=keep[:, TEXT:][:, sl] if padded else None)
     full = [torch.cat((j, x), 2).float() for j, x in zip((joint.q, joint.k, joint.v), (q, k, v))]
     ref = F.scaled_dot_product_attention(*full, attn_mask=keep[:, None, None, :])
-    err = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()
-    return err(out, ref[:, :, TEXT:][:, :, sl]), err(joint_out, ref[:, :, :TEXT])
+    return rel_err(out, ref[:, :, TEXT:][:, :, sl]), rel_err(joint_out, ref[:, :, :TEXT])
 
 
 def check_cuda_graph(nv, group, tokens, seed):
@@ -141,7 +141,7 @@ def check_compiled(nv, group, image_tokens, seed):
                                generator=g) for _ in range(3))
         out = f(q[:, :, sl], k[:, :, sl], v[:, :, sl]).clone()
         ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())[:, :, sl]
-        worst = max(worst, ((out.double() - ref.double()).norm() / ref.double().norm()).item())
+        worst = max(worst, rel_err(out, ref))
     return worst
 
 
@@ -177,7 +177,7 @@ def check_diffusers(seed):
         model = build()
         layout = parallelize_transformer(model, "torus", comm="nvshmem")
         out = model(**kwargs)[0]
-    return ((out.double() - reference.double()).norm() / reference.double().norm()).item(), layout.describe()
+    return rel_err(out, reference), layout.describe()
 
 
 def all_ranks(value: float, op=dist.ReduceOp.MIN) -> float:

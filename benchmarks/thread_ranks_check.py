@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from accuracy import rel_err
 from swiftfusion_xdit.block_attention import KERNELS
 from swiftfusion_xdit.torus_attention import Joint, SPGroups, torus_attention
 from swiftfusion_xdit.transport import join_chunks, split_chunks
@@ -258,12 +259,6 @@ def reference(q, k, v, joint, keep):
         out = torch.softmax(scores.masked_fill(~keep[:, None, None, :], float("-inf")), -1) @ v
     n = 0 if joint is None or joint.q is None else joint.q.shape[2]
     return out[:, :, n:], out[:, :, :n]
-
-
-def rel_err(a, b) -> float:
-    """Relative error; infinite for non-finite output (so that max() over ranks keeps it)."""
-    a, b = a.double(), b.double()
-    return float("inf") if not torch.isfinite(a).all() else ((a - b).norm() / b.norm()).item()
 
 
 def check_case(machines, per, exchange, dtype, joint_kind, tokens, text, heads, dim, device, seed) -> dict:

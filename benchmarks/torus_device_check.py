@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from accuracy import rel_err
 from kernel_breakdown import overlap, union
 from timing import median_ms, save_and_shut_down
 from swiftfusion_xdit.mesh import build_mesh, plan_layout
@@ -51,10 +52,6 @@ def reference(q, k, v, joint):
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION):
         out = F.scaled_dot_product_attention(qf, kf, vf)
     return out[:, :, TEXT:], out[:, :, :TEXT]
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def check(groups, sp_rank, sp, transport, image_tokens, dtype, seed):

@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 
 from harness import parse_topology, timed_per_step
 from swiftfusion_xdit.planner import H200, Hardware, MeasuredCompute, ModelShape, Plan, predict, rank_plans

@@ -389,3 +389,17 @@ def test_a_new_run_into_a_folder_of_an_earlier_run_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="holds results of an earlier run .*--append"):
         harness._refuse_earlier_results(str(tmp_path), append=False)
     harness._refuse_earlier_results(str(tmp_path), append=True)
+
+
+def test_alltoall_report_reads_what_the_microbenchmark_writes(tmp_path):
+    """alltoall_bench.py's JSON (same keys) -> table and plot, with the speedup computed."""
+    import alltoall_report
+    sizes = [{"per_rank_bytes": kib * 1024, "nccl_ms": 0.026, "nvshmem_ms": 0.020, "nccl_busbw_GBps": 7.6,
+              "nvshmem_busbw_GBps": 9.8, "nccl_over_nvshmem": 1.3} for kib in (256, 4096)]
+    path = tmp_path / "alltoall_4gpu.json"
+    path.write_text(json.dumps({"device": "H", "world": 4, "sizes": sizes, "torus_nvshmem_checks": [],
+                                "ulysses_checks": [{"tokens": 4608, "dtype": "torch.bfloat16", "bit_exact": True}]}))
+    alltoall_report.main(str(path))
+    table = (tmp_path / "alltoall_4gpu.md").read_text()
+    assert "| 256 KiB | 0.026 | 0.020 | 7.6 | 9.8 | 1.30x |" in table and "| 4 MiB |" in table
+    assert "4608 tok bfloat16 yes" in table and (tmp_path / "alltoall_4gpu.png").stat().st_size > 0
