@@ -102,7 +102,7 @@ def _put_chunks_kernel(src, dst, flags, dst_deltas, flag_deltas, dests, counter,
                 seen = tl.atomic_add(flag, 0, sem="acquire", scope="sys")
 
 
-@triton.jit(do_not_specialize=["slot", "epoch"])
+@triton.jit(do_not_specialize=["slot", "epoch", "ctas_per_peer"])  # ctas 1 would become a constant
 def _wait_flags_kernel(flags, sources, counter, slot, P, epoch, ctas_per_peer, COUNTED: tl.constexpr):
     if COUNTED:
         use = tl.load(counter)
@@ -253,8 +253,9 @@ def wait_flags(buffers: PeerBuffers, sources: torch.Tensor, use: int, ctas_per_p
     _check_use(use)
     args = (buffers.flags, sources, counter if counted else buffers.flags, use % 2, buffers.group_size,
             (use + 1) // 2, ctas_per_peer)
-    _launch(_wait_flags_kernel, _WAIT_COMPILED, (buffers.group_size, counted), sources.numel(), args,
-            dict(COUNTED=counted))
+    # ctas in the key too: a kernel Triton specialised on one count must not serve another
+    _launch(_wait_flags_kernel, _WAIT_COMPILED, (buffers.group_size, counted, ctas_per_peer), sources.numel(),
+            args, dict(COUNTED=counted))
 
 
 def all_to_all_put(x: torch.Tensor, scatter_dim: int, gather_dim: int, buffers: PeerBuffers,

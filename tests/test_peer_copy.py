@@ -53,6 +53,21 @@ def test_a_wait_past_two_to_the_31_flags_still_waits(fused):
                        text=True, timeout=15)
 
 
+def test_waits_for_different_cta_counts_do_not_share_a_compiled_kernel(monkeypatch):
+    """Triton turns an integer argument of 1 into a constant of the compiled kernel: a wait
+    kernel first compiled for 1 CTA per peer, reused for 4, waited for a quarter of the
+    flags (found on an H100). The fast-launch cache must tell the counts apart."""
+    import torch
+    from swiftfusion_xdit.kernels import peer_copy
+    keys = []
+    monkeypatch.setattr(peer_copy, "_launch", lambda fn, compiled, key, *rest: keys.append(key))
+    buffers = peer_copy.PeerBuffers(torch.zeros(2, 8), torch.zeros(2, 4, dtype=torch.int64), None, None)
+    sources = torch.tensor([1, 2, 3])
+    for ctas in (1, 4):
+        peer_copy.wait_flags(buffers, sources, use=1, ctas_per_peer=ctas)
+    assert keys[0] != keys[1]
+
+
 def test_collapse_merges_contiguous_dims_and_refuses_four_outer():
     from swiftfusion_xdit.kernels.peer_copy import collapse
     # Ulysses: the (n, B, h, s, D) = (3, 2, 4, 5, 16) chunk of a (3, 2, 8, 5, 16) tensor,
