@@ -38,6 +38,18 @@ def emulate_nodes(argv: list[str]) -> tuple[list[str], int]:
     return argv[:i] + argv[i + 2:], nodes
 
 
+def last_call_of_each_step(calls: int, steps: int, warmup: int, patches: int) -> list[int]:
+    """Which step-end callbacks end a denoising step. PipeFusion's last stage calls back
+    once per step in its ``warmup`` synchronous steps, then once per patch, its step
+    index counting from 0 again; everything else calls back once per step."""
+    if calls == steps:
+        return list(range(steps))
+    if steps <= warmup or calls != warmup + (steps - warmup) * patches:
+        raise ValueError(f"{calls} step-end callbacks for {steps} steps: expected {steps}, or "
+                         f"{warmup} warm-up steps then {patches} patches per step")
+    return list(range(warmup)) + [warmup + (k + 1) * patches - 1 for k in range(steps - warmup)]
+
+
 def register_random_flux():
     from xfuser.model_executor.models.runner_models.base_model import DiffusionOutput, register_model
     from xfuser.model_executor.models.runner_models.flux import xFuserFluxModel
@@ -70,11 +82,14 @@ def register_random_flux():
                 split_text_embed_in_sp=get_pipeline_parallel_world_size() == 1)
             start = torch.cuda.Event(enable_timing=True)
             start.record()
-            step_end = {}  # step -> event; PipeFusion calls back once per patch, the last one stays
+            calls = []  # an event per step-end callback (PipeFusion: per patch, last stage only)
+            pipefusion = get_pipeline_parallel_world_size() > 1
+            warmup = get_runtime_state().runtime_config.warmup_steps if pipefusion else 0
+            patches = get_runtime_state().num_pipeline_patch if pipefusion else 1
 
             def on_step_end(pipe, i, t, kwargs):
-                step_end[i] = torch.cuda.Event(enable_timing=True)
-                step_end[i].record()
+                calls.append(torch.cuda.Event(enable_timing=True))
+                calls[-1].record()
                 return kwargs
 
             out = self.pipe(height=input_args["height"], width=input_args["width"],
@@ -85,9 +100,12 @@ def register_random_flux():
                             generator=self._make_generator(input_args["seed"]),
                             output_type="latent", callback_on_step_end=on_step_end)
             torch.cuda.synchronize()
-            events = [start] + [step_end[i] for i in sorted(step_end)]
-            RandomFlux.step_ms = [a.elapsed_time(b) for a, b in zip(events, events[1:])]
-            assert len(RandomFlux.step_ms) == input_args["num_inference_steps"], "one time per step"
+            RandomFlux.step_ms = None  # PipeFusion's other stages see no step end
+            if calls:
+                steps = input_args["num_inference_steps"]
+                ends = [calls[k] for k in last_call_of_each_step(len(calls), steps, warmup, patches)]
+                events = [start] + ends
+                RandomFlux.step_ms = [a.elapsed_time(b) for a, b in zip(events, events[1:])]
             RandomFlux.latents = out.images if out is not None else None  # PipeFusion: last stage only
             return DiffusionOutput(images=[], pipe_args=input_args)
 

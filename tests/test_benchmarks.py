@@ -403,3 +403,14 @@ def test_alltoall_report_reads_what_the_microbenchmark_writes(tmp_path):
     table = (tmp_path / "alltoall_4gpu.md").read_text()
     assert "| 256 KiB | 0.026 | 0.020 | 7.6 | 9.8 | 1.30x |" in table and "| 4 MiB |" in table
     assert "4608 tok bfloat16 yes" in table and (tmp_path / "alltoall_4gpu.png").stat().st_size > 0
+
+
+def test_pipefusion_step_times_take_the_last_patch_of_each_step():
+    """xfuser's PipeFusion calls back on its last stage once per warm-up step, then once per
+    patch with the step index counting from 0 again: a step ends at its last patch."""
+    from xdit_random_flux import last_call_of_each_step
+    assert last_call_of_each_step(6, 6, 0, 1) == [0, 1, 2, 3, 4, 5]  # USP, torus: once per step
+    assert last_call_of_each_step(1 + 5 * 2, 6, 1, 2) == [0, 2, 4, 6, 8, 10]
+    assert last_call_of_each_step(2 + 4 * 4, 6, 2, 4) == [0, 1, 5, 9, 13, 17]
+    with pytest.raises(ValueError, match="10 step-end callbacks for 6 steps"):
+        last_call_of_each_step(10, 6, 1, 2)
