@@ -116,6 +116,7 @@ class Progress:
 
 
 HEADS = {"flux-dev": 24, "wan2.1-14b": 40}
+REFERENCE = "xdit 1 GPU "  # + size: the reference job's name
 
 
 def head_chunks(heads: int, gpus: int) -> int | None:
@@ -154,7 +155,7 @@ def build_plan(args, g: int) -> tuple[list[str], list[tuple]]:
         tag = "_compiled" if args.compile else ""
         ref_dir = os.path.join(args.out, f"xdit_{size}_1gpu{tag}")
         ref_args = xdit_jobs(1, 1, size, args.steps, args.compile)[0][2]
-        plan.append(("xdit", f"xdit 1 GPU {size}", 1, "xdit_random_flux.py",
+        plan.append(("xdit", f"{REFERENCE}{size}", 1, "xdit_random_flux.py",
                      ref_args + ["--output_directory", ref_dir], ref_dir, {}))
         for topo, nodes, per, gbps in topologies:
             for name, nproc, job_args in xdit_jobs(g, nodes, size, args.steps, args.compile):
@@ -241,7 +242,7 @@ def main():
             if kind == "xdit":
                 latents = torch.load(os.path.join(result_path, "latents.pt"))
                 size = row["result"]["height"]
-                if nproc == 1:  # only the one-GPU job is the reference
+                if is_reference(name):  # not the 1x1 topology's jobs, though they run on one GPU too
                     refs[size] = latents
                 row["rel_err_vs_1gpu"] = rel_err(latents, refs[size]) if size in refs else None
                 if row["result"]["world"] > 1:  # the error is what we keep; the reference stays for --append
@@ -271,12 +272,17 @@ def _refuse_earlier_results(folder: str, append: bool) -> None:
                          "pass --append to add to that run, or give a new folder")
 
 
+def is_reference(job_name: str) -> bool:
+    """The unparallelised xDiT run every other xDiT run of its size is compared with."""
+    return job_name.startswith(REFERENCE)
+
+
 def _reusable_reference(job, earlier: dict, refs: dict) -> bool:
     """A one-GPU reference that an earlier call of this folder already ran (latents kept)."""
-    kind, name, nproc, _, _, result_path, _ = job
+    kind, name, _, _, _, result_path, _ = job
     done = any(row["name"] == name and row["rc"] == 0 for row in earlier["rows"])
     latents = os.path.join(result_path, "latents.pt")
-    if kind != "xdit" or nproc != 1 or not done or not os.path.exists(latents):
+    if kind != "xdit" or not is_reference(name) or not done or not os.path.exists(latents):
         return False
     with open(os.path.join(result_path, "result.json")) as f:
         refs[json.load(f)["height"]] = torch.load(latents)

@@ -414,3 +414,25 @@ def test_pipefusion_step_times_take_the_last_patch_of_each_step():
     assert last_call_of_each_step(2 + 4 * 4, 6, 2, 4) == [0, 1, 5, 9, 13, 17]
     with pytest.raises(ValueError, match="10 step-end callbacks for 6 steps"):
         last_call_of_each_step(10, 6, 1, 2)
+
+
+def test_only_the_one_gpu_job_is_the_reference(tmp_path, monkeypatch):
+    """A 1x1 topology's jobs run on one GPU too, but each is compared with the reference,
+    not made one (every error read 0.0 when they were; found by review)."""
+    import torch
+
+    def fake_torchrun(nproc, script, args, log_path, timeout, env=None):
+        out = args[args.index("--output_directory") + 1]
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "result.json"), "w") as f:
+            json.dump({"height": 1024, "world": nproc, "median_step_ms": 1.0}, f)
+        torch.save(torch.ones(4) * (1 if "1gpu" in out else 2), os.path.join(out, "latents.pt"))
+        open(log_path, "w").close()
+        return 0
+    monkeypatch.setattr(harness, "torchrun", fake_torchrun)
+    monkeypatch.setattr(sys, "argv", ["harness.py", "--gpus", "1", "--topologies", "1x1", "--suites", "xdit",
+                                      "--sizes", "1024", "--out", str(tmp_path)])
+    harness.main()
+    errs = {r["name"]: r["rel_err_vs_1gpu"] for r in json.load(open(tmp_path / "harness.json"))["rows"]}
+    assert errs.pop("xdit 1 GPU 1024") == 0.0 and errs
+    assert all(e == pytest.approx(1.0) for e in errs.values()), errs
