@@ -116,8 +116,8 @@ def plan_layout(topology: Topology, num_heads: int | None, *, ulysses: int | Non
         raise LayoutError(f"unknown torus exchange {torus_exchange!r}; use 'auto', 'a2a' or 'kv'")
     fitting = valid_ulysses(sp, per_node, num_heads, check_placement)
 
-    if ulysses is None and torus is None:
-        ulysses = max(fitting)
+    if ulysses is None and torus is None:  # picked inside a machine even when placement is not enforced
+        ulysses = max(valid_ulysses(sp, per_node, num_heads, check_placement=True))
         heads = f"divides the {num_heads} heads and " if num_heads else ""
         notes.append(f"ulysses={ulysses}: the largest degree that {heads}"
                      f"fits in one machine's {per_node} ranks")

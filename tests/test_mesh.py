@@ -140,3 +140,12 @@ def test_refusals_name_degrees_that_work():
 def test_mixed_placement_is_said_as_it_is():
     layout = plan_layout(Topology.uniform(2, 6), 24, cfg=3, ulysses=2)
     assert "torus ring crosses machines in 2 of 6 groups" in layout.notes, layout.notes
+
+
+def test_degrees_left_out_keep_the_all_to_all_inside_a_machine_even_unchecked():
+    """diffusers' 'usp' with no degrees plans with placement unchecked (baselines may span
+    machines when asked); the degrees it picks itself still keep Ulysses inside one."""
+    layout = plan_layout(Topology.uniform(2, 4), 24, torus_exchange="kv", check_placement=False)
+    assert (layout.dims.ulysses, layout.dims.torus) == (4, 2)
+    asked = plan_layout(Topology.uniform(2, 4), 24, ulysses=8, check_placement=False)
+    assert (asked.dims.ulysses, asked.dims.torus) == (8, 1)  # given by hand: honoured
