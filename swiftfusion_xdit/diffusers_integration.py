@@ -52,14 +52,19 @@ class TorusContextParallelConfig(ContextParallelConfig):
 def ensure_distributed() -> torch.device:
     """Initialise torch.distributed from torchrun's environment if needed; this rank's device.
 
-    A caller that initialised torch.distributed itself keeps its current CUDA device."""
+    A caller that initialised torch.distributed itself keeps the CUDA device it chose; one
+    that chose none (every rank on GPU 0, which NCCL refuses) gets torchrun's LOCAL_RANK."""
     cuda = torch.cuda.is_available()
-    if not dist.is_initialized():
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if dist.is_initialized():
+        if cuda and local_rank != 0 and torch.cuda.current_device() == 0:
+            torch.cuda.set_device(local_rank)
+    else:
         if "RANK" not in os.environ:
             raise RuntimeError("enable_parallel needs torch.distributed: launch with torchrun "
                                "(or swiftfusion-xdit generate), or call init_process_group first")
         if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(local_rank)
         device_id = torch.device("cuda", torch.cuda.current_device()) if cuda else None
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device_id)
     return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
