@@ -148,7 +148,9 @@ def merge_into(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor,
     Rows with no keys yet on either side (lse -inf, out 0: every key masked)
     stay at -inf and 0 instead of turning into NaN."""
     fused = (fused_merge and out.is_cuda and not torch.compiler.is_compiling()
-             and out.stride(-1) == 1 and block_out.stride(-1) == 1 and _fused_kernel())
+             and out.stride(-1) == 1 and block_out.stride(-1) == 1
+             and block_lse.dtype == torch.float32  # float64 inputs: the math kernel's LSE
+             and _fused_kernel())
     if fused:
         try:
             fused(out, lse, block_out, block_lse)

@@ -130,7 +130,8 @@ def _relaunch_under_torchrun(args, argv: list[str]) -> None:
         torchrun(["--nproc-per-node", str(nproc), "--master-port", str(_free_port()),
                   "-m", "swiftfusion_xdit.cli", *argv])
     except ChildFailedError as err:  # the ranks said why; pass on their exit code, not a traceback
-        sys.exit(max(failure.exitcode for failure in err.failures.values()) or 1)
+        codes = [failure.exitcode for failure in err.failures.values()]  # negative: a signal
+        sys.exit(max(codes) if max(codes) > 0 else 1)
 
 
 def _free_port() -> int:
