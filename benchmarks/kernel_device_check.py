@@ -95,6 +95,27 @@ def check_exchange(P, seed):
     return {"P": P, "shape": list(shape), "bit_exact": bool(ok)}
 
 
+def check_wait_counts(P=5):
+    """A wait for 4 CTAs per peer after one for 1 must still wait for all 4 (Triton once
+    compiled the count 1 into the kernel, and the launch cache served it for 4). A group
+    size no other check uses, so the first wait compiled for it is this one's."""
+    buf = virtual_ranks(P, (4,), torch.float32)[0]
+    source = torch.tensor([1], device="cuda")
+    buf.flags[1, 1] = 1  # use 1 (slot 1, epoch 1): one CTA of the peer's has signalled
+    wait_flags(buf, source, 1, 1)  # one CTA per peer: satisfied at once
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        wait_flags(buf, source, 1, 4)  # four CTAs per peer: must spin
+        done = torch.cuda.Event()
+        done.record(stream)
+    time.sleep(1.0)
+    returned_early = done.query()
+    buf.flags[1, 1] = 4  # the other three signal (another stream than the spinning kernel's)
+    stream.synchronize()
+    return {"P": P, "returned_early": returned_early, "bit_exact": not returned_early}
+
+
 def time_ms(fn):
     return median_ms(fn, repeats=20, inner=10)
 
@@ -263,7 +284,8 @@ def markdown(result: dict) -> str:
     lines = [f"# One-sided kernels on one {result['device']} (virtual ranks)", ""]
     checks = result["ulysses_virtual_ranks"] + result["exchange_virtual_ranks"]
     lines += [f"Bit-exact against the reference layout: {sum(c['bit_exact'] for c in checks)} of "
-              f"{len(checks)} checks (Ulysses both ways, bf16/fp16, 3 uses; torus steps).", ""]
+              f"{len(checks)} checks (Ulysses both ways, bf16/fp16, 3 uses; torus steps; a wait "
+              f"for 4 CTAs per peer after one for 1 still waits).", ""]
     h = result["host_costs"]
     lines += [f"Host time per call: put {h['put_us']:.1f} us (direct launch), Triton's launcher "
               f"{h['triton_launcher_us']:.1f} us, a one-element torch op {h['torch_add_us']:.1f} us.", "",
@@ -302,6 +324,7 @@ def main():
                   for dtype in (torch.bfloat16, torch.float16)] + [(3, 1, 6, 3 * 37, torch.bfloat16)]
         result["ulysses_virtual_ranks"] = [progress(check_ulysses(*c, 100 + i)) for i, c in enumerate(checks)]
         result["exchange_virtual_ranks"] = [progress(check_exchange(P, 9)) for P in (2, 4)]
+        result["exchange_virtual_ranks"].append(progress(check_wait_counts()))
         result["host_costs"] = progress(host_costs())
         result["fused_wait_bound"] = [progress(r) for r in fused_wait_bound()]
         result["copy_speed"] = [progress(time_copy_speed(P, tokens)) for P in (2, 4, 8)
