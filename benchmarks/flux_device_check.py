@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -100,7 +101,9 @@ def forward_ms(model, kw, repeats=5, warmups=1):
         out = model(**kw)[0]
         torch.cuda.synchronize()
         times.append((time.perf_counter() - t) * 1e3)
-    return out, statistics.median(times)
+    # under CUDA graphs (reduce-overhead) the output lives in the graph's memory, which
+    # the next call overwrites: keep a copy
+    return out.clone(), statistics.median(times)
 
 
 def profile_forward(model, model_name, size) -> dict:
@@ -154,10 +157,11 @@ def main():
               "world_all_to_all_busbw_GBps_64MiB": links["world_all_to_all_busbw_GBps"],
               "links": links, "model": args.model, "runs": []}
     sizes = args.sizes.split(",")
+    warmups = 3 if args.compile else 1  # compiled: graph recording stays out of the timed calls
     refs = {}
     model = maybe_compile(build(args.model, 0), args.compile, args.compile_mode)
     for size in sizes:
-        refs[size] = forward_ms(model, inputs(args.model, size, 7), args.repeats)
+        refs[size] = forward_ms(model, inputs(args.model, size, 7), args.repeats, warmups)
         result.setdefault("one_gpu_per_layer", {})[size] = profile_forward(model, args.model, size)
     del model
     torch.cuda.empty_cache()
@@ -172,7 +176,7 @@ def main():
             layout = parallelize_transformer(model, name, comm=comm, head_chunks=int(chunks or 1))
         model = maybe_compile(model, args.compile, args.compile_mode)
         for size in sizes:
-            out, ms = forward_ms(model, inputs(args.model, size, 7), args.repeats, 3 if args.compile else 1)
+            out, ms = forward_ms(model, inputs(args.model, size, 7), args.repeats, warmups)
             ref, ref_ms = refs[size]
             err = rel_err(out, ref)
             result["runs"].append({"strategy": strategy, "comm": comm,
@@ -197,4 +201,10 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BaseException:  # say why, then leave: teardown after a failed rank can hang the job
+        import traceback
+        traceback.print_exc()
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(1)
