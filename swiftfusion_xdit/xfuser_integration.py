@@ -72,13 +72,20 @@ def add_arguments(parser) -> None:
                             "(Ulysses inside a machine, Torus Attention across machines; "
                             "--ring_degree is then the torus degree), or 'auto' (the planner's "
                             "best exact plan for this topology; FLUX.1 models)")
-    group.add_argument("--sp-comm", "--sp_comm", dest="sp_comm", default="auto",
-                       choices=("auto", "nccl", "nvshmem"),
-                       help="torus transport: auto = NVSHMEM on one machine when it initialises, else "
-                            "NCCL; nvshmem across machines = NVSHMEM inside each machine, NCCL between")
-    group.add_argument("--sp-head-chunks", "--sp_head_chunks", dest="sp_head_chunks", type=int, default=1,
-                       help="torus on one machine: run the all-to-all in this many head groups, each "
-                            "overlapping the previous group's attention (default 1: one all-to-all)")
+    add_torus_options(group)
+
+
+def add_torus_options(parser) -> list[str]:
+    """The torus strategy's own flags; their destinations (an xfuser carrying patches/
+    copies those onto its engine args)."""
+    parser.add_argument("--sp-comm", "--sp_comm", dest="sp_comm", default="auto",
+                        choices=("auto", "nccl", "nvshmem"),
+                        help="torus transport: auto = NVSHMEM on one machine when it initialises, else "
+                             "NCCL; nvshmem across machines = NVSHMEM inside each machine, NCCL between")
+    parser.add_argument("--sp-head-chunks", "--sp_head_chunks", dest="sp_head_chunks", type=int, default=1,
+                        help="torus on one machine: run the all-to-all in this many head groups, each "
+                             "overlapping the previous group's attention (default 1: one all-to-all)")
+    return ["sp_comm", "sp_head_chunks"]
 
 
 def install() -> None:
@@ -328,6 +335,8 @@ def _refuse_unsupported(dropout_p, is_causal, attn_layer, attention_kwargs, kv_h
 class TorusStrategy:
     """Entry point ``xfuser.sp_strategies: torus`` for an xfuser that carries
     ``patches/xfuser-0.7.0-sp-strategy-plugin-point.diff``: no start-up hook needed."""
+
+    add_cli_args = staticmethod(add_torus_options)
 
     def prepare(self, engine_args) -> None:
         _ensure_xfuser_distributed()

@@ -196,9 +196,16 @@ PATCHED_XDIT = """
     parser = FlexibleArgumentParser()
     xFuserArgs.add_cli_args(parser)
     for strategy in ("usp", "torus"):
-        args = xFuserArgs.from_cli_args(parser.parse_args(["--model", "m", "--sp_strategy", strategy]))
+        args = xFuserArgs.from_cli_args(parser.parse_args(["--model", "m", "--sp_strategy", strategy,
+                                                           "--sp-comm", "auto",
+                                                           "--sp-head-chunks", "1"]))
         args.create_config()
         print(strategy, usp._SP_ATTENTION is torus_usp)
+    # the plugin's own flags reach the engine args through the plugin point
+    for make in (lambda ns: xFuserArgs.from_cli_args(ns), lambda ns: xFuserArgs.from_runner_args(vars(ns))):
+        args = make(parser.parse_args(["--model", "m", "--sp-strategy", "torus", "--sp-comm", "nccl",
+                                       "--sp-head-chunks", "3"]))
+        print("options", args.sp_comm, args.sp_head_chunks)
 """
 
 
@@ -216,3 +223,4 @@ def test_upstream_patch_applies_to_released_xfuser_and_routes_usp(tmp_path):
     port = str(random.randrange(20000, 40000))
     out = _run_python(PATCHED_XDIT.replace("sys.argv[1]", repr(port)), env).split("\n")
     assert [line for line in out if line.startswith(("usp ", "torus "))] == ["usp False", "torus True"]
+    assert [line for line in out if line.startswith("options")] == ["options nccl 3"] * 2
