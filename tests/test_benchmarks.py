@@ -396,6 +396,8 @@ def test_alltoall_report_reads_what_the_microbenchmark_writes(tmp_path):
     import alltoall_report
     sizes = [{"per_rank_bytes": kib * 1024, "nccl_ms": 0.026, "nvshmem_ms": 0.020, "nccl_busbw_GBps": 7.6,
               "nvshmem_busbw_GBps": 9.8, "nccl_over_nvshmem": 1.3} for kib in (256, 4096)]
+    sizes[0].update(graphed_nccl_ms=0.030, graphed_nvshmem_ms=0.012)  # captured; the other failed (None)
+    sizes[1].update(graphed_nccl_ms=None, graphed_nvshmem_ms=0.02)
     path = tmp_path / "alltoall_4gpu.json"
     path.write_text(json.dumps({"device": "H", "world": 4, "sizes": sizes, "torus_nvshmem_checks": [],
                                 "ulysses_checks": [{"tokens": 4608, "dtype": "torch.bfloat16", "bit_exact": True}]}))
@@ -403,6 +405,8 @@ def test_alltoall_report_reads_what_the_microbenchmark_writes(tmp_path):
     table = (tmp_path / "alltoall_4gpu.md").read_text()
     assert "| 256 KiB | 0.026 | 0.020 | 7.6 | 9.8 | 1.30x |" in table and "| 4 MiB |" in table
     assert "4608 tok bfloat16 yes" in table and (tmp_path / "alltoall_4gpu.png").stat().st_size > 0
+    graphed = table.split("Replayed from a CUDA graph")[1]
+    assert "| 256 KiB | 0.030 | 0.012 | 2.50x |" in graphed and "4 MiB" not in graphed
 
 
 def test_pipefusion_step_times_take_the_last_patch_of_each_step():
