@@ -302,7 +302,7 @@ class _Pending:
         torch.cuda.current_stream().wait_event(self.sent)
         ch = self.channel
         wait_flags(ch.buffers, self.source, self.use, ch.ctas)
-        return ch.buffers.data[self.use % 2]
+        return ch.buffers.slots[self.use % 2]
 
 
 class NvshmemTransport:
@@ -310,7 +310,9 @@ class NvshmemTransport:
     instances: list = []  # their call sites point into channels: dropped when NVSHMEM shuts down
 
     def __init__(self):
+        from .kernels import peer_copy
         init_nvshmem()
+        self._kernels = peer_copy  # a function-level import costs ~1 us a call on the hot path
         _STATE["transport"] = self  # the compiled graph's op finds it here
         self._sites: dict = {}  # call site -> (channel, our group rank, peer table): one lookup per call
         NvshmemTransport.instances.append(self)
@@ -339,10 +341,9 @@ class NvshmemTransport:
             return torch.ops.swiftfusion.nvshmem_all_to_all(x, group.group_name, scatter_dim, gather_dim)
         if torch.cuda.is_current_stream_capturing():
             return self.all_to_all_counted(x, group, scatter_dim, gather_dim)
-        from .kernels.peer_copy import all_to_all_put
         ch, me, dests = self._a2a_site("a2a", x, group, scatter_dim, gather_dim)
-        return all_to_all_put(x, scatter_dim, gather_dim, ch.buffers, me, dests, ch.next_use(),
-                              ctas_per_peer=ch.ctas)
+        return self._kernels.all_to_all_put(x, scatter_dim, gather_dim, ch.buffers, me, dests, ch.next_use(),
+                                            ctas_per_peer=ch.ctas)
 
     def all_to_all_counted(self, x: torch.Tensor, group, scatter_dim: int = 0, gather_dim: int = 0):
         """The all-to-all with its use number on the device: a replayed CUDA graph advances
