@@ -193,6 +193,10 @@ PATCHED_XDIT = """
     from xfuser.config import FlexibleArgumentParser, xFuserArgs
     import xfuser.model_executor.layers.usp as usp
     from swiftfusion_xdit.xfuser_integration import torus_usp
+    # a runner dict before any parser exists in the process (a Python caller, no CLI)
+    args = xFuserArgs.from_runner_args({"model": "m", "sp_strategy": "torus", "sp_comm": "nccl",
+                                        "sp_head_chunks": 3})
+    print("options", args.sp_comm, args.sp_head_chunks)
     parser = FlexibleArgumentParser()
     xFuserArgs.add_cli_args(parser)
     for strategy in ("usp", "torus"):
@@ -223,4 +227,4 @@ def test_upstream_patch_applies_to_released_xfuser_and_routes_usp(tmp_path):
     port = str(random.randrange(20000, 40000))
     out = _run_python(PATCHED_XDIT.replace("sys.argv[1]", repr(port)), env).split("\n")
     assert [line for line in out if line.startswith(("usp ", "torus "))] == ["usp False", "torus True"]
-    assert [line for line in out if line.startswith("options")] == ["options nccl 3"] * 2
+    assert [line for line in out if line.startswith("options")] == ["options nccl 3"] * 3
