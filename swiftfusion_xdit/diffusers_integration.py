@@ -58,16 +58,28 @@ def ensure_distributed() -> torch.device:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if dist.is_initialized():
         if cuda and local_rank != 0 and torch.cuda.current_device() == 0:
-            torch.cuda.set_device(local_rank)
+            torch.cuda.set_device(_local_device(local_rank))
     else:
         if "RANK" not in os.environ:
             raise RuntimeError("enable_parallel needs torch.distributed: launch with torchrun "
                                "(or swiftfusion-xdit generate), or call init_process_group first")
         if cuda:
-            torch.cuda.set_device(local_rank)
+            torch.cuda.set_device(_local_device(local_rank))
         device_id = torch.device("cuda", torch.cuda.current_device()) if cuda else None
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device_id)
     return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+
+
+def _local_device(local_rank: int) -> int:
+    """LOCAL_RANK's GPU; GPU 0 where a launcher shows each process only its own GPU
+    (srun --gpus-per-task=1, CUDA_VISIBLE_DEVICES per rank)."""
+    count = torch.cuda.device_count()
+    if local_rank < count:
+        return local_rank
+    if count == 1:
+        return 0
+    raise RuntimeError(f"LOCAL_RANK={local_rank} but this process sees {count} GPUs: launch one process "
+                       "per GPU (torchrun --nproc-per-node <GPUs>) or show each process its own GPU")
 
 
 def plan_strategy(strategy: str, num_heads: int, *, ulysses: int | None = None,

@@ -419,18 +419,30 @@ def test_wan_pipeline_matches_single_process_on_two_emulated_machines():
     run_ranks(_check_wan_pipeline, 2, 2, ("torus", "usp"), 23)
 
 
-@pytest.mark.parametrize("current,expected", [(0, [1]), (3, [])], ids=["none-chosen", "caller-chose"])
-def test_a_caller_initialised_group_gets_a_device_only_if_it_chose_none(monkeypatch, current, expected):
+@pytest.mark.parametrize("current,visible,expected", [(0, 4, [1]), (3, 4, []), (0, 1, [0])],
+                         ids=["none-chosen", "caller-chose", "one-gpu-per-process"])
+def test_a_caller_initialised_group_gets_a_device_only_if_it_chose_none(monkeypatch, current, visible,
+                                                                        expected):
     """A script that ran init_process_group without choosing a device leaves every rank on
-    GPU 0 (NCCL refuses duplicate GPUs): LOCAL_RANK's is taken; a device it chose is kept.
-    CUDA is mocked: this CPU test covers the choice, not a GPU."""
+    GPU 0 (NCCL refuses duplicate GPUs): LOCAL_RANK's is taken; a device it chose is kept;
+    a process shown only its own GPU keeps GPU 0. CUDA is mocked: this CPU test covers the
+    choice, not a GPU."""
     import torch
     from swiftfusion_xdit import diffusers_integration as di
     chosen = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: chosen[-1] if chosen else current)
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
     monkeypatch.setattr(di.dist, "is_initialized", lambda: True)
     monkeypatch.setenv("LOCAL_RANK", "1")
     device = di.ensure_distributed()
     assert chosen == expected and device == torch.device("cuda", expected[0] if expected else current)
+
+
+def test_a_local_rank_past_the_visible_gpus_is_refused(monkeypatch):
+    import torch
+    from swiftfusion_xdit import diffusers_integration as di
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(RuntimeError, match="LOCAL_RANK=3 but this process sees 2 GPUs"):
+        di._local_device(3)
