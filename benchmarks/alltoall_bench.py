@@ -54,11 +54,16 @@ def graphed(fn, warm_up, calls: int):
 
 def bench_graphed(fn, warm_up, batch, repeats):
     """Per-call ms of a replayed graph of ``batch`` calls, median of repeats, slowest rank;
-    None (and the reason printed) where capture fails."""
+    None (and the reason printed) where capture fails on any rank: the ranks agree before
+    replaying, since a replayed collective waits for peers that would never replay theirs."""
+    replay = None
     try:
         replay = graphed(fn, warm_up, batch)
     except Exception as err:  # keep the eager numbers; say why this column is empty
         print(f"rank {dist.get_rank()}: CUDA-graph capture failed: {err}", flush=True)
+    captured = torch.tensor([replay is not None], dtype=torch.int32, device="cuda")
+    dist.all_reduce(captured, op=dist.ReduceOp.MIN)
+    if not captured.item():
         return None
     return bench(replay, 1, repeats) / batch
 

@@ -203,6 +203,8 @@ def main():
 if __name__ == "__main__":
     try:
         main()
+    except SystemExit:  # --help, or argparse refusing a flag: its own message and code
+        raise
     except BaseException:  # say why, then leave: teardown after a failed rank can hang the job
         import traceback
         traceback.print_exc()
