@@ -93,7 +93,25 @@ def grid(topo: str) -> tuple[int, int]:
     return parse_topology(topo)[:2]
 
 
-def hardware_per_topology(flux, probes, shape) -> dict[str, Hardware]:
+def load_onesided(folder, intra_GBps: float) -> dict:
+    """The one-sided all-to-all's numbers from the folder's own ``alltoall_bench.py`` run:
+    bandwidth as NCCL's intra-machine figure scaled by the two transports' bus-bandwidth ratio
+    at the largest size, latency as its time per call at the smallest; {} where not run."""
+    runs = sorted(n for n in os.listdir(folder) if n.startswith("alltoall_") and n.endswith("gpu.json"))
+    if not runs:
+        return {}
+    sizes = json.load(open(os.path.join(folder, runs[-1])))["sizes"]
+    big, small = sizes[-1], sizes[0]
+    return {"onesided_GBps": intra_GBps * big["nvshmem_busbw_GBps"] / big["nccl_busbw_GBps"],
+            "onesided_latency_us": small["nvshmem_ms"] * 1e3}
+
+
+def over_nccl(hw: Hardware) -> Hardware:
+    """The hardware as a run pinned to NCCL sees it (torus-nccl): no one-sided all-to-all."""
+    return dataclasses.replace(hw, onesided_GBps=None, onesided_latency_us=None)
+
+
+def hardware_per_topology(flux, probes, shape, folder=None) -> dict[str, Hardware]:
     """GEMM and attention throughput from the one-GPU times, the intra-machine all-to-all
     from a one-machine run, and each multi-machine topology's link: as its diffusers check
     measured it in the same process (``links``, newer runs), else its own link probe."""
@@ -105,6 +123,7 @@ def hardware_per_topology(flux, probes, shape) -> dict[str, Hardware]:
     intra = single[0]["world_all_to_all_busbw_GBps_64MiB"] if single else H200.intra_GBps
     base = Hardware.from_measurements({shape(s): t for s, t in one_gpu.items()}, intra_GBps=intra,
                                       inter_GBps=H200.inter_GBps)
+    base = dataclasses.replace(base, **(load_onesided(folder, intra) if folder else {}))
     hw = {"base": base}  # topologies with neither a check nor a probe (xDiT-only runs)
     for topo in set(flux) | set(probes):
         links = flux.get(topo, {}).get("links", {})
@@ -122,7 +141,7 @@ def main(folder: str, rank_compute: str | None = None):
     table = load_rank_compute(rank_compute)
     shape = lambda size, joint=False: ModelShape.flux(FLUX_DEV_TRANSFORMER, size, size,
                                                        text_in_exchange=not joint)
-    hws = hardware_per_topology(flux, probes, shape)
+    hws = hardware_per_topology(flux, probes, shape, folder)
     rows = []
     for topo, result in flux.items():
         nodes, per = grid(topo)
@@ -133,6 +152,7 @@ def main(folder: str, rank_compute: str | None = None):
             s = shape(run["size"])
             plan = plan_for(kind, run["strategy"], nodes * per, nodes, s)
             hw = hws.get(topo, hws["base"])
+            hw = over_nccl(hw) if run["strategy"] != "torus-nvshmem" else hw
             rows.append(_row("diffusers", run["strategy"], topo, run["size"], predict(plan, s, hw, per),
                              run["parallel_ms"], _with_measured(plan, s, hw, per, table, run["size"])))
     for row in harness["rows"]:
@@ -146,6 +166,7 @@ def main(folder: str, rank_compute: str | None = None):
         kind = "torus" if name.startswith("xdit-torus") else ""
         plan = plan_for(kind, name, nodes * per, nodes, s)
         hw = hws.get(topo, hws["base"])
+        hw = over_nccl(hw) if name != "xdit-torus-nvshmem" else hw
         rows.append(_row("xdit", name, topo, r["height"], predict(plan, s, hw, per), r["median_step_ms"],
                          _with_measured(plan, s, hw, per, table, r["height"])))
     choices = []

@@ -16,6 +16,9 @@ hidden under the attention blocks that can run while it is in flight:
 ring step k hides under block k; the torus all-gather hides under the local
 block; torus a2a hides its Q/K/V steps under the blocks already received and
 pays the output return. Each collective or step also pays a fixed latency.
+Torus's all-to-all inside a machine runs over NVSHMEM where it starts
+(``comm='auto'``): its own bandwidth and per-call latency (``onesided_*``),
+measured beside NCCL's by ``benchmarks/alltoall_bench.py``.
 
 Hardware numbers come from measurements (``Hardware.from_measurements``):
 GEMM and attention throughput fitted from one-GPU step times at two sizes,
@@ -35,7 +38,7 @@ import json
 import os
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -112,6 +115,9 @@ class Hardware:
     inter_GBps: float  # per-GPU, per direction, between machines (send/recv)
     inter_collective_GBps: float | None = None  # the same link driven by an all-gather
     latency_us: float = 60.0  # per collective or step (NCCL small-message floor, measured)
+    # torus's all-to-all inside a machine over NVSHMEM (one-sided puts and signals), where it runs
+    onesided_GBps: float | None = None
+    onesided_latency_us: float | None = None
 
     @classmethod
     def from_measurements(cls, one_gpu_ms: dict[ModelShape, float], intra_GBps: float,
@@ -204,8 +210,12 @@ def predict(plan: Plan, shape: ModelShape, hw: Hardware, gpus_per_node: int,
         return Prediction(plan, (gemm + attn + comm) * L, (gemm + attn) * L, 0, comm * L, 0,
                           exact=False, why=["stale activations between steps: output is approximate"])
     ulysses_local = gpus_per_node % plan.ulysses == 0  # ranks go machine by machine (mesh.py)
-    intra = ms(intra_b, hw.intra_GBps if ulysses_local else hw.inter_GBps)
-    intra += 2 * lat if plan.ulysses > 1 else 0
+    a2a_GBps, a2a_lat = hw.intra_GBps, lat
+    if plan.strategy == "torus" and plan.ulysses > 1 and ulysses_local and hw.onesided_GBps:
+        a2a_GBps, a2a_lat = hw.onesided_GBps, hw.onesided_latency_us / 1e3
+        why.append("all-to-all over NVSHMEM (one-sided)")
+    intra = ms(intra_b, a2a_GBps if ulysses_local else hw.inter_GBps)
+    intra += 2 * a2a_lat if plan.ulysses > 1 else 0
     if not ulysses_local:
         why.append(f"ulysses={plan.ulysses} spans machines: its all-to-all takes the network")
     cross_local = P <= gpus_per_node  # the whole SP group fits in one machine
@@ -263,8 +273,10 @@ def rank_plans(shape: ModelShape, hw: Hardware, nodes: int, gpus_per_node: int,
 
 
 # Fitted on 2x H200 (benchmarks/results/h200x2/planner_validation.json); links as measured there.
+# One-sided all-to-all: h200x2_s10/alltoall_2gpu.json (bus bandwidth 1.25x NCCL's at 256 MiB,
+# 40 us per call up to 4 MiB).
 H200 = Hardware(gemm_tflops=523.0, attention_tflops=640.0, intra_GBps=222.0, inter_GBps=2.1,
-                inter_collective_GBps=2.7)
+                inter_collective_GBps=2.7, onesided_GBps=278.0, onesided_latency_us=40.0)
 
 
 def probe_hardware(device: str | None = None, cache_dir: str | None = None,
@@ -278,12 +290,11 @@ def probe_hardware(device: str | None = None, cache_dir: str | None = None,
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
     cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "swiftfusion-xdit")
     path = os.path.join(cache_dir, f"hardware-{socket.gethostname()}-{name.replace(' ', '_')}.json")
-    links = (H200.intra_GBps, H200.inter_GBps, H200.inter_collective_GBps)  # not probed: see above
     if os.path.exists(path) and not refresh:
         try:  # only the probed compute is cached
             with open(path) as f:
                 cached = json.load(f)
-            return Hardware(cached["gemm_tflops"], cached["attention_tflops"], *links)
+            return replace(H200, gemm_tflops=cached["gemm_tflops"], attention_tflops=cached["attention_tflops"])
         except (OSError, ValueError, KeyError, TypeError):
             pass  # unreadable or from another version: probe again
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -309,7 +320,7 @@ def probe_hardware(device: str | None = None, cache_dir: str | None = None,
     with open(path + ".tmp", "w") as f:  # whole or not at all: another process may read it
         json.dump({"gemm_tflops": gemm, "attention_tflops": attn}, f)
     os.replace(path + ".tmp", path)
-    return Hardware(gemm, attn, *links)
+    return replace(H200, gemm_tflops=gemm, attention_tflops=attn)  # links: not probed, see above
 
 
 def choose_for(config, nodes: int, gpus_per_node: int, height: int = 1024, width: int = 1024,
@@ -328,4 +339,8 @@ def choose_for(config, nodes: int, gpus_per_node: int, height: int = 1024, width
         shape = ModelShape(layers=layers, heads=get("num_attention_heads"),
                            head_dim=get("attention_head_dim"), gemm_params_per_token=12 * h * h * layers,
                            image_tokens=(height // 16) * (width // 16))
-    return rank_plans(shape, hw or H200, nodes, gpus_per_node)[0]
+    hw = hw or H200
+    from .nvshmem_transport import unavailable_reason
+    if unavailable_reason() is not None:  # comm='auto' will run the all-to-all over NCCL
+        hw = replace(hw, onesided_GBps=None, onesided_latency_us=None)
+    return rank_plans(shape, hw, nodes, gpus_per_node)[0]

@@ -440,3 +440,24 @@ def test_only_the_one_gpu_job_is_the_reference(tmp_path, monkeypatch):
     errs = {r["name"]: r["rel_err_vs_1gpu"] for r in json.load(open(tmp_path / "harness.json"))["rows"]}
     assert errs.pop("xdit 1 GPU 1024") == 0.0 and errs
     assert all(e == pytest.approx(1.0) for e in errs.values()), errs
+
+
+def test_planner_validation_takes_the_one_sided_all_to_all_from_the_sessions_own_run(tmp_path):
+    """With the session's alltoall_bench output in the folder, torus-nvshmem runs are predicted
+    with its measured bandwidth ratio and per-call time, torus-nccl runs without them."""
+    import validate_planner
+    folder = tmp_path / "run"
+    shutil.copytree(os.path.join(BENCH, "results", "h200x2_s10"), folder)
+    for name in os.listdir(folder):
+        if name.startswith("planner_validation"):
+            os.remove(folder / name)
+    validate_planner.main(str(folder))
+    out = json.load(open(folder / "planner_validation.json"))
+    sizes = json.load(open(folder / "alltoall_2gpu.json"))["sizes"]
+    hw = out["hardware"]["1x2"]
+    ratio = sizes[-1]["nvshmem_busbw_GBps"] / sizes[-1]["nccl_busbw_GBps"]
+    assert hw["onesided_GBps"] == pytest.approx(hw["intra_GBps"] * ratio)
+    assert hw["onesided_latency_us"] == pytest.approx(sizes[0]["nvshmem_ms"] * 1e3)
+    by = {(r["path"], r["run"], r["size"]): r["predicted_ms"] for r in out["rows"]}
+    assert by[("diffusers", "torus-nvshmem", 2048)] < by[("diffusers", "torus-nccl", 2048)]
+    assert by[("diffusers", "torus-nccl", 2048)] == by[("diffusers", "diffusers-ulysses", 2048)]

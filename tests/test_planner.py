@@ -168,3 +168,27 @@ def test_planner_weighs_both_torus_schedules_against_the_link():
             if p.plan.strategy == "torus"} == {"kv", "a2a"}
     assert best(3.0) == Plan("torus", 1, 4, "a2a")
     assert best(50.0) == Plan("torus", 1, 4, "kv")
+
+
+def test_one_sided_all_to_all_speeds_torus_inside_a_machine_only():
+    """Torus's all-to-all over NVSHMEM: its own bandwidth and latency, by hand; USP's stays on
+    NCCL, and a Ulysses group spanning machines takes the network either way."""
+    s = shape(4096)
+    x = 4096 / 2 * 3072 * 2
+    nccl = Hardware(500.0, 600.0, 200.0, 5.0, latency_us=60.0)
+    onesided = Hardware(500.0, 600.0, 200.0, 5.0, latency_us=60.0, onesided_GBps=250.0, onesided_latency_us=40.0)
+    torus = predict(Plan("torus", 2, 1, "kv"), s, onesided, gpus_per_node=2)
+    assert torus.intra_ms == pytest.approx((2 * x / 250e6 + 2 * 0.040) * s.layers)
+    assert "NVSHMEM" in torus.why[0]
+    assert predict(Plan("torus", 2, 1, "kv"), s, nccl, 2).intra_ms == pytest.approx((2 * x / 200e6 + 0.120) * s.layers)
+    assert predict(Plan("usp", 2, 1), s, onesided, 2).step_ms == predict(Plan("usp", 2, 1), s, nccl, 2).step_ms
+    spanning = [predict(Plan("torus", 2, 1, "kv"), s, hw, gpus_per_node=1) for hw in (nccl, onesided)]
+    assert spanning[0].step_ms == spanning[1].step_ms
+    ranked = rank_plans(s, onesided, nodes=1, gpus_per_node=2)
+    assert ranked[0].plan.strategy == "torus" or ranked[0].plan.across > 1  # never USP's own all-to-all
+
+
+def test_auto_assumes_no_nvshmem_where_it_cannot_start():
+    """On this CPU machine NVSHMEM cannot start, so auto's plan uses NCCL's numbers."""
+    best = planner.choose_for(FLUX_DEV_TRANSFORMER, 1, 4)  # with NVSHMEM: torus over it
+    assert not any("NVSHMEM" in w for w in best.why)
