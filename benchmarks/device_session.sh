@@ -13,6 +13,7 @@
 #   harness-1  probes + xDiT + diffusers path, 1xN and 2x(N/2)            (new OUT_FOLDER)
 #   harness-2  the same for Nx1 and the paced 50 GB/s twins               (--append)
 #   compiled   compiled runs (xDiT --use_torch_compile)                    (--append)
+#   pipefusion PipeFusion's patch count swept, PipeFusion + USP, 1xN and 2x(N/2) (--append)
 #   graphs     the diffusers path under torch.compile with CUDA graphs, 1xN (--append)
 #   video      Wan 2.1 14B, 81x480x832, on 1xN and 2x(N/2)                 (--append)
 #   rank-compute  (one GPU is enough) one rank's share of each grid, no communication
@@ -74,6 +75,7 @@ case $step in
   harness-1) harness --topologies "1x$n,2x$half" --sizes 1024 --timeout 240 ;;
   harness-2) harness --topologies "${n}x1,2x${half}p50,${n}x1p50" --sizes 1024 --timeout 240 --append ;;
   compiled)  harness --topologies "1x$n,2x$half" --sizes 1024 --suites xdit --compile --timeout 300 --append ;;
+  pipefusion) harness --topologies "1x$n,2x$half" --sizes 1024 --suites pipefusion --timeout 240 --append ;;
   graphs)    harness --topologies "1x$n" --diffusers-sizes 1024 --suites diffusers --compile \
                --compile-mode reduce-overhead --timeout 400 --append ;;
   video)     harness --topologies "1x$n,2x$half" --suites video --timeout 280 --append ;;

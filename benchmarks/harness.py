@@ -66,14 +66,36 @@ def torchrun(nproc: int, script: str, args: list[str], log_path: str, timeout: i
             return 124
 
 
-def xdit_jobs(gpus: int, nodes: int, size: int, steps: int, compile_: bool = False):
-    """(name, nproc, args) for every xDiT configuration on this topology."""
+def _xdit_common(nodes: int, size: int, steps: int, compile_: bool) -> list[str]:
     common = ["--model", "FLUX.1-dev-random", "--height", str(size), "--width", str(size),
               "--num_inference_steps", str(steps), "--prompt", "a photo of a cat", "--seed", "42"]
     if nodes > 1:
         common += ["--emulate-nodes", str(nodes)]
     if compile_:
         common += ["--use_torch_compile"]  # xDiT's own compile path, for every strategy
+    return common
+
+
+def pipefusion_jobs(gpus: int, nodes: int, size: int, steps: int, compile_: bool = False):
+    """(name, nproc, args): PipeFusion over every GPU with its patch count swept (xfuser's
+    default, one patch per stage, runs in the xdit suite), and PipeFusion with a USP split
+    inside each stage where fewer stages than GPUs leave one (xfuser composes the two)."""
+    common = _xdit_common(nodes, size, steps, compile_)
+    jobs = [(f"xdit-pipefusion-{gpus}-p{patches}", gpus,
+             common + ["--pipefusion_parallel_degree", str(gpus), "--num_pipeline_patch", str(patches)])
+            for patches in (2 * gpus, 4 * gpus)]
+    for stages in (d for d in range(2, gpus) if gpus % d == 0):
+        sp = gpus // stages
+        for ulysses in (d for d in range(1, sp + 1) if sp % d == 0):
+            jobs.append((f"xdit-pipefusion-{stages}-u{ulysses}r{sp // ulysses}", gpus,
+                         common + ["--pipefusion_parallel_degree", str(stages), "--ulysses_degree",
+                                   str(ulysses), "--ring_degree", str(sp // ulysses)]))
+    return jobs
+
+
+def xdit_jobs(gpus: int, nodes: int, size: int, steps: int, compile_: bool = False):
+    """(name, nproc, args) for every xDiT configuration on this topology."""
+    common = _xdit_common(nodes, size, steps, compile_)
     jobs = []
     for ulysses in (d for d in range(1, gpus + 1) if gpus % d == 0):
         ring = gpus // ulysses
@@ -151,14 +173,16 @@ def build_plan(args, g: int) -> tuple[list[str], list[tuple]]:
             out = os.path.join(args.out, f"probe_{topo}.json")
             plan.append(("probe", f"probe {topo}", g, "link_probe.py", ["--nodes", str(nodes), "--out", out],
                          out, paced_env(nodes, gbps)))
-    for size in sizes if "xdit" in suites else []:
+    xdit_suites = [jobs for suite, jobs in (("xdit", xdit_jobs), ("pipefusion", pipefusion_jobs)) if suite in suites]
+    for size in sizes if xdit_suites else []:
         tag = "_compiled" if args.compile else ""
         ref_dir = os.path.join(args.out, f"xdit_{size}_1gpu{tag}")
         ref_args = xdit_jobs(1, 1, size, args.steps, args.compile)[0][2]
         plan.append(("xdit", f"{REFERENCE}{size}", 1, "xdit_random_flux.py",
                      ref_args + ["--output_directory", ref_dir], ref_dir, {}))
         for topo, nodes, per, gbps in topologies:
-            for name, nproc, job_args in xdit_jobs(g, nodes, size, args.steps, args.compile):
+            every = [job for jobs in xdit_suites for job in jobs(g, nodes, size, args.steps, args.compile)]
+            for name, nproc, job_args in every:
                 run_dir = os.path.join(args.out, f"xdit_{size}_{topo}_{name}{tag}")
                 plan.append(("xdit", f"{name} {topo} {size}", nproc, "xdit_random_flux.py",
                              job_args + ["--output_directory", run_dir], run_dir, paced_env(nodes, gbps)))
@@ -191,7 +215,8 @@ def main():
                     help="machines x GPUs, e.g. 1x4,2x2,2x2p50 (default: 1xN, 2x(N/2)); pNN: paced link")
     ap.add_argument("--paced-gbps", type=float, default=None,
                     help="also run every multi-machine topology over a link paced to this GB/s per GPU")
-    ap.add_argument("--suites", default="probe,xdit,diffusers")
+    ap.add_argument("--suites", default="probe,xdit,diffusers",
+                    help="any of probe, xdit, pipefusion (patch sweep, PipeFusion + USP), diffusers, video")
     ap.add_argument("--sizes", default="1024")
     ap.add_argument("--diffusers-sizes", default="1024,2048")
     ap.add_argument("--video-sizes", default="81x480x832", help="Wan 2.1 14B: FRAMESxHEIGHTxWIDTH,...")

@@ -40,8 +40,9 @@ def plan_for(kind: str, name: str, gpus: int, nodes: int, shape: ModelShape) -> 
     if name.startswith("xdit-usp-u"):
         u, r = name[len("xdit-usp-u"):].split("r")
         return Plan("usp", int(u), int(r))
-    if name.startswith("xdit-pipefusion"):
-        return Plan("pipefusion", 1, gpus)
+    if name.startswith("xdit-pipefusion"):  # -N, -N-pPATCHES, or -N-uUrR (USP inside stages: no plan)
+        parts = name.split("-")
+        return None if len(parts) > 3 and parts[3].startswith("u") else Plan("pipefusion", 1, gpus)
     return None
 
 
@@ -165,6 +166,8 @@ def main(folder: str, rank_compute: str | None = None):
         s = shape(r["height"], joint=True)
         kind = "torus" if name.startswith("xdit-torus") else ""
         plan = plan_for(kind, name, nodes * per, nodes, s)
+        if plan is None:  # PipeFusion with USP inside its stages: not modelled
+            continue
         hw = hws.get(topo, hws["base"])
         hw = over_nccl(hw) if name != "xdit-torus-nvshmem" else hw
         rows.append(_row("xdit", name, topo, r["height"], predict(plan, s, hw, per), r["median_step_ms"],

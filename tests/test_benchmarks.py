@@ -29,6 +29,23 @@ def test_harness_runs_every_usp_split_pipefusion_and_torus_per_topology():
     assert all("--use_torch_compile" in args for _, _, args in compiled)  # xDiT's own compile path
 
 
+def test_pipefusion_suite_sweeps_patches_and_pairs_stages_with_usp():
+    jobs = {name: args for name, _, args in harness.pipefusion_jobs(gpus=4, nodes=1, size=1024, steps=6)}
+    assert list(jobs) == ["xdit-pipefusion-4-p8", "xdit-pipefusion-4-p16",
+                          "xdit-pipefusion-2-u1r2", "xdit-pipefusion-2-u2r1"]
+    flag = lambda name, f: jobs[name][jobs[name].index(f) + 1]
+    assert flag("xdit-pipefusion-4-p16", "--num_pipeline_patch") == "16"
+    assert (flag("xdit-pipefusion-2-u2r1", "--pipefusion_parallel_degree"), flag("xdit-pipefusion-2-u2r1", "--ulysses_degree"),
+            flag("xdit-pipefusion-2-u2r1", "--ring_degree")) == ("2", "2", "1")
+    assert [n for n, _, _ in harness.pipefusion_jobs(gpus=2, nodes=1, size=1024, steps=6)] == [
+        "xdit-pipefusion-2-p4", "xdit-pipefusion-2-p8"]  # two GPUs: no stage holds a USP split
+    import validate_planner
+    from swiftfusion_xdit.planner import Plan
+    shape = validate_planner.ModelShape.flux(validate_planner.FLUX_DEV_TRANSFORMER, 1024, 1024)
+    assert validate_planner.plan_for("", "xdit-pipefusion-4-p8", 4, 1, shape) == Plan("pipefusion", 1, 4)
+    assert validate_planner.plan_for("", "xdit-pipefusion-2-u2r1", 4, 1, shape) is None  # not modelled
+
+
 def test_report_takes_every_number_from_the_results_files(tmp_path):
     folder = tmp_path / "run"
     shutil.copytree(os.path.join(BENCH, "results", "h200x2"), folder)
