@@ -260,15 +260,24 @@ def resolve_transports(requested: str, machines: int) -> TransportPair:
 
 
 _DEFAULT: dict = {}
+_LAST_DEFAULT: list = [None]  # what a compiled call uses: the resolution itself cannot be traced
 
 
 def default_transport() -> Transport:
     """``resolve_transport("auto")``, resolved once per process group backend: a call
     site that passes no transport must not re-resolve (and re-log) on every layer."""
+    if torch.compiler.is_compiling():  # dynamo cannot trace a topology gather or NVSHMEM's start
+        if _LAST_DEFAULT[0] is None:
+            raise RuntimeError(
+                "torus_attention(transport=None) under torch.compile: the transport must be resolved "
+                "before tracing; pass transport=resolve_transport('auto') (as enable_parallel and the "
+                "xDiT strategy do), or make one eager call first")
+        return _LAST_DEFAULT[0]
     backend = process_group_backend()
     if backend not in _DEFAULT:
         from .topology import detect_topology  # collective, once: NVSHMEM serves one machine only
         _DEFAULT[backend] = resolve_transport("auto", detect_topology().num_nodes if backend else 1)
+    _LAST_DEFAULT[0] = _DEFAULT[backend]
     return _DEFAULT[backend]
 
 

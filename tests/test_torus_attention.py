@@ -177,6 +177,25 @@ def test_compiles_into_one_graph(nodes, per_node, exchange, head_chunks):
               head_chunks)
 
 
+def _default_transport_compiled(rank, world):
+    from swiftfusion_xdit import transport as transport_module
+    transport_module._LAST_DEFAULT[0] = None  # a fresh process: nothing resolved yet
+    groups = SPGroups(dist.group.WORLD, None, "kv")
+    q = torch.randn(1, HEADS, 8, HEAD_DIM)
+    compiled = torch.compile(lambda q: torus_attention(q, q, q, groups), fullgraph=True, backend="aot_eager")
+    with pytest.raises(Exception, match="the transport must be resolved before tracing"):
+        compiled(q)
+    eager = torus_attention(q, q, q, groups)  # resolves the default transport
+    torch._dynamo.reset()
+    assert torch.equal(compiled(q), eager)
+
+
+def test_default_transport_under_fullgraph_is_resolved_eagerly_first():
+    """transport=None cannot be resolved inside a trace (a topology gather): a clear error
+    until one eager call has resolved it, then the compiled call uses that transport."""
+    run_ranks(_default_transport_compiled, 1, 2)
+
+
 class SlotBorrowing:
     """gloo underneath, but every result lands in one of two slots per channel and is
     overwritten at this rank's next use of the channel -- what the NVSHMEM transport
