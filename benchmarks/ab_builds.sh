@@ -5,7 +5,8 @@
 #
 # OLD_WHEEL_DIR holds the wheel of an earlier revision (git worktree add /tmp/old REV &&
 # pip wheel --no-deps /tmp/old -w .whl_old); .whl/ holds the dependencies and the current
-# build, as for device_session.sh. Each build, in its own processes on the same GPU:
+# build, as for device_session.sh. Each build, in its own processes on the same GPU
+# (rank compute in the order old, new, new, old: ab_table.py takes each build's mean):
 #   - one rank's eager compute per grid (rank_compute.py; the Ulysses and torus layouts
 #     run through Torus Attention over a loopback transport), 1024² (AB_SIZES, AB_GRIDS)
 #   - xDiT's runner at one rank, torus, beside xDiT's own USP once (the same GPU and call)
@@ -25,11 +26,11 @@ xdit() {  # $1 = build label, rest = strategy flags
     --output_directory "$out/xdit_$label" > "$out/xdit_$label.log" 2>&1
 }
 mkdir -p "$out"
-for build in old new; do
-  site=/tmp/site; [ $build = old ] && site=/tmp/old:/tmp/site
+for build in old new new2 old2; do  # ABBA: drift during the call falls on both builds alike
+  site=/tmp/site; case $build in old*) site=/tmp/old:/tmp/site ;; esac
   PYTHONPATH=$site run timeout 200 python3 benchmarks/rank_compute.py --sizes "$sizes" --grids "$grids" \
     --compile-grids none --out "$out/rank_compute_$build"
-  PYTHONPATH=$site xdit "torus_$build" --sp-strategy torus --sp-comm nccl
+  case $build in *2) ;; *) PYTHONPATH=$site xdit "torus_$build" --sp-strategy torus --sp-comm nccl ;; esac
 done
 PYTHONPATH=/tmp/site xdit usp --sp-strategy usp
 run python3 benchmarks/ab_table.py "$out"

@@ -13,8 +13,16 @@ def load(path: str):
 
 
 def rank_rows(folder: str, build: str) -> dict:
-    result = load(os.path.join(folder, f"rank_compute_{build}", "rank_compute.json")) or {"rows": []}
-    return {(r.get("size", 1024), r["grid"], r["exchange"]): r for r in result["rows"] if "ms" in r}
+    """The build's rows per (size, grid, exchange); where ab_builds.sh ran it twice (ABBA order:
+    old, new, new2, old2, so drift during the call cancels) the two runs' mean."""
+    runs = []
+    for run in (build, build + "2"):
+        result = load(os.path.join(folder, f"rank_compute_{run}", "rank_compute.json")) or {"rows": []}
+        runs.append({(r.get("size", 1024), r["grid"], r["exchange"]): r for r in result["rows"] if "ms" in r})
+    first, second = runs
+    timed = ("ms", "attention_ms_per_layer", "other_ms_per_layer")
+    return {key: {**row, **({k: (row[k] + second[key][k]) / 2 for k in timed} if key in second else {})}
+            for key, row in first.items()}
 
 
 def gpu_ms_per_layer(row: dict) -> float:
@@ -49,7 +57,8 @@ def main(folder: str) -> None:
     device = next((r["device"] for r in xdit.values() if r), None) or \
         (load(os.path.join(folder, "rank_compute_new", "rank_compute.json")) or {}).get("device")
     lines = [f"# Two builds side by side, {device}", "",
-             "Same GPU, same device call, each build in its own processes. One rank's eager "
+             "Same GPU, same device call, each build in its own processes (run old, new, new, old "
+             "where the folder holds the repeats: their means). One rank's eager "
              "FLUX.1-dev forward (`rank_compute.py`): GPU time per layer from the "
              "profiler (attention + other kernels; attention alone beside it), and the wall time "
              "per forward, which small "

@@ -329,6 +329,18 @@ def test_ab_table_joins_two_builds_by_grid_and_compares_gpu_time(tmp_path):
     assert (tmp_path / "ab.png").stat().st_size > 0
 
 
+def test_ab_table_averages_each_builds_abba_repeats(tmp_path):
+    """ab_builds.sh runs old, new, new2, old2: each build's row is the mean of its two runs."""
+    import ab_table
+    for build, other, ms in (("old", 2.0, 100.0), ("old2", 1.0, 120.0), ("new", 1.5, 90.0)):
+        rows = [dict(grid="2x2", exchange="kv", ms=ms, attention_ms_per_layer=0.5, other_ms_per_layer=other)]
+        os.makedirs(tmp_path / f"rank_compute_{build}")
+        json.dump(dict(device="GPU X", rows=rows), open(tmp_path / f"rank_compute_{build}" / "rank_compute.json", "w"))
+    ab_table.main(str(tmp_path))
+    # old: (2.0 + 1.0) / 2 + 0.5 = 2.0 GPU ms per layer, (100 + 120) / 2 = 110 ms; new ran once
+    assert "| 1024² | 2x2 | kv | 2.000 | 2.000 | 1.000 | 0.500 | 0.500 | 110.0 | 90.0 |" in (tmp_path / "ab.md").read_text()
+
+
 def test_a_device_step_leaves_one_archive_of_its_folder_under_out(tmp_path):
     """A device call returns at most 8 files: the step's folder goes back as one archive (and
     its latents as another), and the loose copy under $OUT is removed."""
