@@ -80,6 +80,8 @@ def pipefusion_jobs(gpus: int, nodes: int, size: int, steps: int, compile_: bool
     """(name, nproc, args): PipeFusion over every GPU with its patch count swept (xfuser's
     default, one patch per stage, runs in the xdit suite), and PipeFusion with a USP split
     inside each stage where fewer stages than GPUs leave one (xfuser composes the two)."""
+    if gpus < 2:
+        return []
     common = _xdit_common(nodes, size, steps, compile_)
     jobs = [(f"xdit-pipefusion-{gpus}-p{patches}", gpus,
              common + ["--pipefusion_parallel_degree", str(gpus), "--num_pipeline_patch", str(patches)])

@@ -39,6 +39,7 @@ def test_pipefusion_suite_sweeps_patches_and_pairs_stages_with_usp():
             flag("xdit-pipefusion-2-u2r1", "--ring_degree")) == ("2", "2", "1")
     assert [n for n, _, _ in harness.pipefusion_jobs(gpus=2, nodes=1, size=1024, steps=6)] == [
         "xdit-pipefusion-2-p4", "xdit-pipefusion-2-p8"]  # two GPUs: no stage holds a USP split
+    assert harness.pipefusion_jobs(gpus=1, nodes=1, size=1024, steps=6) == []  # one stage is no pipeline
     import validate_planner
     from swiftfusion_xdit.planner import Plan
     shape = validate_planner.ModelShape.flux(validate_planner.FLUX_DEV_TRANSFORMER, 1024, 1024)
