@@ -1,6 +1,7 @@
 """Host time per all-to-all call: what the CPU spends issuing one, before any GPU work.
 
     torchrun --nproc-per-node 1 benchmarks/host_overhead.py --out DIR
+    torchrun --nproc-per-node 2 benchmarks/host_overhead.py --shared-gpu --out DIR   (under CUDA MPS)
 
 On two H200s the eager NVSHMEM all-to-all sat at ~40 us per call from 256 KiB to
 4 MiB while 16 MiB took 36 us: below 4 MiB the calls are issued slower than the GPU
@@ -76,6 +77,40 @@ def raw_launches(channel) -> dict:
     return {"kernel.run, tensor arguments": run(tensors), "kernel.run, raw pointers": run(pointers)}
 
 
+def with_peers(args) -> None:
+    """Several processes on one GPU (CUDA MPS): the eager NVSHMEM all-to-all with real peers,
+    its kernels waiting on flags other processes raise. NCCL refuses two ranks on one GPU, so
+    torch.distributed runs on gloo and only NVSHMEM is timed; a shared GPU has no NVLink, so
+    only the per-call time of small transfers (host issue + flag round trip) means anything."""
+    from swiftfusion_xdit.nvshmem_transport import NvshmemTransport, shutdown_nvshmem
+    dist.init_process_group("gloo")
+    torch.cuda.set_device(0)
+    world, rank = dist.group.WORLD, dist.get_rank()
+    nv = NvshmemTransport()
+    result = {"label": args.label, "device": torch.cuda.get_device_name(), "ranks": dist.get_world_size(),
+              "shared_gpu": True, "sizes": []}
+    for kib in (256, 1024, 4096):
+        x = torch.randn(dist.get_world_size(), kib * 512 // dist.get_world_size(), device="cuda",
+                        dtype=torch.bfloat16)
+        dist.barrier()
+        t = host_us(lambda: nv.all_to_all(x, world), calls=200, repeats=7)
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, t)
+        result["sizes"].append({"per_rank_bytes": kib * 1024, "nvshmem_eager_us_slowest_rank":
+                                max(g["gpu_us"] for g in gathered),
+                                "host_us_slowest_rank": max(g["host_us"] for g in gathered)})
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, f"peers_{args.label}.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        for row in result["sizes"]:
+            print(f"{args.label} {row['per_rank_bytes'] // 1024} KiB: {row['nvshmem_eager_us_slowest_rank']:.1f} us "
+                  f"per call (host {row['host_us_slowest_rank']:.1f})")
+    dist.barrier()
+    shutdown_nvshmem()
+    dist.destroy_process_group()
+
+
 def main():
     from swiftfusion_xdit.nvshmem_transport import shutdown_nvshmem
     from swiftfusion_xdit.transport import resolve_transport
@@ -83,7 +118,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--label", default="")
+    ap.add_argument("--shared-gpu", action="store_true",
+                    help="every rank on GPU 0 under CUDA MPS: NVSHMEM with real peers, gloo beside it")
     args = ap.parse_args()
+    if args.shared_gpu:
+        return with_peers(args)
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl", device_id=torch.device("cuda", torch.cuda.current_device()))
     world = dist.group.WORLD

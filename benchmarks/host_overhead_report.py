@@ -16,10 +16,28 @@ import sys
 PATHS = ("nccl all_to_all_single", "nvshmem all_to_all (eager)", "torch add_ (one small op)")
 
 
-def main(folder: str, order: str = ""):
-    runs = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(folder, "host_overhead_*.json")))]
+def _runs(folder: str, prefix: str, order: str) -> list[dict]:
+    runs = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(folder, f"{prefix}_*.json")))]
     if order:  # the order the runs were made in, one device call
         runs.sort(key=lambda r: order.split(",").index(r["label"]))
+    return runs
+
+
+def peer_lines(runs: list[dict], order: str) -> list[str]:
+    """``--shared-gpu`` runs: the eager all-to-all with real peers (processes sharing the GPU)."""
+    if not runs:
+        return []
+    sizes = [row["per_rank_bytes"] // 1024 for row in runs[0]["sizes"]]
+    return ["", f"With real peers: {runs[0]['ranks']} processes sharing the GPU under CUDA MPS (NCCL refuses "
+            "that, so NVSHMEM only); microseconds per eager all-to-all, slowest rank, median of 7 x 200 calls"
+            + (f"; runs in the order made: {order}" if order else "") + ":", "",
+            "| build (run) | " + " | ".join(f"{k} KiB" for k in sizes) + " |", "|---|" + "---|" * len(sizes)] + [
+        f"| {run['label']} | " + " | ".join(f"{row['nvshmem_eager_us_slowest_rank']:.1f}" for row in run["sizes"]) + " |"
+        for run in runs]
+
+
+def main(folder: str, order: str = ""):
+    runs = _runs(folder, "host_overhead", order)
     device = runs[0]["device"]
     lines = [f"# Host time per all-to-all call, one rank ({device})", "",
              f"{runs[0]['bytes'] / 2**20:g} MiB per call; host microseconds per call, median of 7 x 300 "
@@ -36,6 +54,7 @@ def main(folder: str, order: str = ""):
               "| piece | " + " | ".join(r["label"] for r in runs) + " |", "|---|" + "---|" * len(runs)]
     lines += [f"| {p} | " + " | ".join(f"{r['paths'][p]['host_us']:.2f}" if p in r["paths"] else "-"
                                        for r in runs) + " |" for p in pieces]
+    lines += peer_lines(_runs(folder, "peers", order), order)
     with open(os.path.join(folder, "host_overhead.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     import matplotlib

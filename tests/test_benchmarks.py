@@ -491,3 +491,19 @@ def test_planner_validation_takes_the_one_sided_all_to_all_from_the_sessions_own
     by = {(r["path"], r["run"], r["size"]): r["predicted_ms"] for r in out["rows"]}
     assert by[("diffusers", "torus-nvshmem", 2048)] < by[("diffusers", "torus-nccl", 2048)]
     assert by[("diffusers", "torus-nccl", 2048)] == by[("diffusers", "diffusers-ulysses", 2048)]
+
+
+def test_host_overhead_report_reads_every_run_in_the_order_made(tmp_path):
+    import host_overhead_report
+    folder = tmp_path / "h"
+    shutil.copytree(os.path.join(BENCH, "results", "host_overhead_h200"), folder)
+    host_overhead_report.main(str(folder), "old,new,new2,old2")
+    table = (folder / "host_overhead.md").read_text()
+    run = json.load(open(folder / "host_overhead_new.json"))["paths"]
+    nccl, nv = run["nccl all_to_all_single"]["host_us"], run["nvshmem all_to_all (eager)"]["host_us"]
+    assert f"| new | {nccl:.1f} | {nv:.1f} |" in table and f"{nccl / nv:.2f}x" in table
+    rows = [line.split(" |")[0] for line in table.splitlines() if line.startswith(("| old", "| new"))]
+    assert rows[:4] == ["| old", "| new", "| new2", "| old2"]  # the order made, not alphabetical
+    peers = json.load(open(folder / "peers_old2.json"))["sizes"][0]["nvshmem_eager_us_slowest_rank"]
+    assert f"| old2 | {peers:.1f} |" in table
+    assert (folder / "host_overhead.png").stat().st_size > 0
