@@ -19,10 +19,12 @@ def rank_rows(folder: str, build: str) -> dict:
     for run in (build, build + "2"):
         result = load(os.path.join(folder, f"rank_compute_{run}", "rank_compute.json")) or {"rows": []}
         runs.append({(r.get("size", 1024), r["grid"], r["exchange"]): r for r in result["rows"] if "ms" in r})
-    first, second = runs
     timed = ("ms", "attention_ms_per_layer", "other_ms_per_layer")
-    return {key: {**row, **({k: (row[k] + second[key][k]) / 2 for k in timed} if key in second else {})}
-            for key, row in first.items()}
+    rows = {}
+    for key in runs[0].keys() | runs[1].keys():  # a run that failed leaves the other's rows
+        both = [run[key] for run in runs if key in run]
+        rows[key] = {**both[0], **{k: sum(r[k] for r in both) / len(both) for k in timed}}
+    return rows
 
 
 def gpu_ms_per_layer(row: dict) -> float:

@@ -76,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--inter-bw", type=_positive_float, default=None,
                    help="GB/s per GPU per direction between machines (400 Gb/s per GPU = 50)")
     p.add_argument("--intra-bw", type=_positive_float, default=None, help="GB/s per GPU inside a machine")
+    p.add_argument("--sp-comm", default="auto", choices=("auto", "nccl", "nvshmem"),
+                   help="torus's transport: its all-to-all inside a machine goes over NVSHMEM with nvshmem, "
+                        "or auto on one machine (measured H200 numbers)")
     p.add_argument("--hardware", default="h200", choices=("h200", "probe"),
                    help="compute throughput: measured H200 numbers, or probe this machine (cached)")
     p.add_argument("--include-approximate", action="store_true",
@@ -110,6 +113,7 @@ def plan_report(args) -> str:
     hw = dataclasses.replace(hw, **{k: v for k, v in (("inter_GBps", args.inter_bw),
                                                        ("inter_collective_GBps", args.inter_bw),
                                                        ("intra_GBps", args.intra_bw)) if v is not None})
+    hw = planner.as_run_with(hw, args.sp_comm, args.nodes)
     preds = planner.rank_plans(shape, hw, args.nodes, args.gpus_per_node, args.include_approximate)
     lines = [f"{what}: {shape.tokens} tokens, {args.nodes} machine(s) x {args.gpus_per_node} GPU(s); "
              f"GEMM {hw.gemm_tflops:.0f} / attention {hw.attention_tflops:.0f} TFLOP/s, links "
@@ -176,7 +180,8 @@ def _generate(args) -> None:
     pipe = _load(args, device)
     try:  # refuse a bad layout before the (long) single-process run
         plan_strategy(args.sp_strategy, pipe.transformer.config.num_attention_heads,
-                      ulysses=args.ulysses_degree, torus=args.torus_degree, config=pipe.transformer.config)
+                      ulysses=args.ulysses_degree, torus=args.torus_degree, config=pipe.transformer.config,
+                      comm=args.sp_comm)
     except (LayoutError, ValueError) as err:
         _fail(rank, err)
     reference = None

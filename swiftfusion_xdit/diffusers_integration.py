@@ -83,7 +83,7 @@ def _local_device(local_rank: int) -> int:
 
 
 def plan_strategy(strategy: str, num_heads: int, *, ulysses: int | None = None,
-                  torus: int | None = None, config=None) -> TorusLayout:
+                  torus: int | None = None, config=None, comm: str = "auto") -> TorusLayout:
     """Map a strategy name onto the (torus, ulysses) grid; collective (gathers topology)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
@@ -91,7 +91,7 @@ def plan_strategy(strategy: str, num_heads: int, *, ulysses: int | None = None,
     sp = topo.world_size
     _refuse_fixed_degrees(strategy, sp, ulysses, torus)
     if strategy == "auto":
-        return _auto_layout(topo, num_heads, config)
+        return _auto_layout(topo, num_heads, config, comm)
     if strategy == "torus":
         return plan_layout(topo, num_heads, ulysses=ulysses, torus=torus)
     # Baselines run on the same code with the classic layouts: placement not enforced.
@@ -115,10 +115,10 @@ def _refuse_fixed_degrees(strategy: str, sp: int, ulysses: int | None, torus: in
                               f"leave the degree out, or use strategy 'torus' or 'usp' with your degrees")
 
 
-def _auto_layout(topo, num_heads: int, config) -> TorusLayout:
+def _auto_layout(topo, num_heads: int, config, comm: str = "auto") -> TorusLayout:
     """The planner's best exact plan for this topology (cost model, H200 numbers)."""
     from .planner import choose_for
-    best = choose_for(config, topo.num_nodes, topo.gpus_per_node)
+    best = choose_for(config, topo.num_nodes, topo.gpus_per_node, comm=comm)
     plan = best.plan
     layout = plan_layout(topo, num_heads, ulysses=plan.ulysses, torus=plan.across,
                          torus_exchange=plan.exchange or "kv",
@@ -147,7 +147,7 @@ def parallelize_transformer(transformer: torch.nn.Module, strategy: str = "torus
     _refuse_broken_plan(transformer)
     device = ensure_distributed()
     layout = plan_strategy(strategy, transformer.config.num_attention_heads, ulysses=ulysses,
-                           torus=torus, config=transformer.config)
+                           torus=torus, config=transformer.config, comm=comm)
     check_head_chunks(head_chunks, transformer.config.num_attention_heads, layout.dims.ulysses,
                       layout.dims.torus)
     if dist.get_rank() == 0:

@@ -279,6 +279,14 @@ H200 = Hardware(gemm_tflops=523.0, attention_tflops=640.0, intra_GBps=222.0, int
                 inter_collective_GBps=2.7, onesided_GBps=278.0, onesided_latency_us=40.0)
 
 
+def as_run_with(hw: Hardware, comm: str, nodes: int) -> Hardware:
+    """The hardware as a torus run with ``comm`` sees it: its all-to-all goes over NVSHMEM with
+    comm='nvshmem', or 'auto' on one machine ('auto' across machines stays with NCCL)."""
+    if comm == "nvshmem" or (comm == "auto" and nodes == 1):
+        return hw
+    return replace(hw, onesided_GBps=None, onesided_latency_us=None)
+
+
 def probe_hardware(device: str | None = None, cache_dir: str | None = None,
                    refresh: bool = False) -> Hardware:
     """GEMM and attention throughput of this machine's device, timed in a few
@@ -324,8 +332,9 @@ def probe_hardware(device: str | None = None, cache_dir: str | None = None,
 
 
 def choose_for(config, nodes: int, gpus_per_node: int, height: int = 1024, width: int = 1024,
-               hw: Hardware | None = None) -> Prediction:
-    """``strategy="auto"``: the best exact plan for a transformer config on this topology.
+               hw: Hardware | None = None, comm: str = "auto") -> Prediction:
+    """``strategy="auto"``: the best exact plan for a transformer config on this topology,
+    with torus's all-to-all over the transport ``comm`` will give it here.
 
     Flux-like configs get their real shape; others a generic DiT shape (12h^2
     GEMM weights per layer, image tokens only) from heads, head dim and layers.
@@ -339,8 +348,6 @@ def choose_for(config, nodes: int, gpus_per_node: int, height: int = 1024, width
         shape = ModelShape(layers=layers, heads=get("num_attention_heads"),
                            head_dim=get("attention_head_dim"), gemm_params_per_token=12 * h * h * layers,
                            image_tokens=(height // 16) * (width // 16))
-    hw = hw or H200
     from .nvshmem_transport import unavailable_reason
-    if unavailable_reason() is not None:  # comm='auto' will run the all-to-all over NCCL
-        hw = replace(hw, onesided_GBps=None, onesided_latency_us=None)
-    return rank_plans(shape, hw, nodes, gpus_per_node)[0]
+    usable = comm if unavailable_reason() is None else "nccl"  # no NVSHMEM here: NCCL runs it
+    return rank_plans(shape, as_run_with(hw or H200, usable, nodes), nodes, gpus_per_node)[0]

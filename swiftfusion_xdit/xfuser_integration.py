@@ -161,7 +161,8 @@ def choose_strategy(engine_args) -> None:
                                       * engine_args.data_parallel_degree)
     nodes = max(1, per_replica // topo.gpus_per_node)
     best = choose_for(FLUX_DEV_TRANSFORMER, nodes, min(per_replica, topo.gpus_per_node),
-                      engine_args.height or 1024, engine_args.width or 1024)
+                      engine_args.height or 1024, engine_args.width or 1024,
+                      comm=getattr(engine_args, "sp_comm", "auto"))
     engine_args.sp_strategy = best.plan.strategy
     engine_args.ulysses_degree, engine_args.ring_degree = best.plan.ulysses, best.plan.across
     if dist.get_rank() == 0:

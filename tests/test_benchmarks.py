@@ -340,6 +340,8 @@ def test_ab_table_averages_each_builds_abba_repeats(tmp_path):
     ab_table.main(str(tmp_path))
     # old: (2.0 + 1.0) / 2 + 0.5 = 2.0 GPU ms per layer, (100 + 120) / 2 = 110 ms; new ran once
     assert "| 1024² | 2x2 | kv | 2.000 | 2.000 | 1.000 | 0.500 | 0.500 | 110.0 | 90.0 |" in (tmp_path / "ab.md").read_text()
+    os.remove(tmp_path / "rank_compute_old" / "rank_compute.json")  # the first old run failed: old2 stands
+    assert ab_table.rank_rows(str(tmp_path), "old")[(1024, "2x2", "kv")]["ms"] == 120.0
 
 
 def test_a_device_step_leaves_one_archive_of_its_folder_under_out(tmp_path):
@@ -491,6 +493,13 @@ def test_planner_validation_takes_the_one_sided_all_to_all_from_the_sessions_own
     by = {(r["path"], r["run"], r["size"]): r["predicted_ms"] for r in out["rows"]}
     assert by[("diffusers", "torus-nvshmem", 2048)] < by[("diffusers", "torus-nccl", 2048)]
     assert by[("diffusers", "torus-nccl", 2048)] == by[("diffusers", "diffusers-ulysses", 2048)]
+    # a torus pick made for NVSHMEM's numbers is judged by the NVSHMEM run, not the faster NCCL one
+    validate_planner.main(str(folder), os.path.join(BENCH, "results", "rank_compute_h200", "rank_compute.json"))
+    out = json.load(open(folder / "planner_validation.json"))
+    pick = next(c for c in out["choices"] if (c["path"], c["size"]) == ("diffusers", 1024))
+    runs = {r["run"]: r["measured_ms"] for r in out["rows"] if (r["path"], r["size"]) == ("diffusers", 1024)}
+    assert pick["chosen"].startswith("torus ulysses=2")
+    assert pick["chosen_measured_ms"] == runs["torus-nvshmem"] > pick["best_measured_ms"] == runs["torus-nccl"]
 
 
 def test_host_overhead_report_reads_every_run_in_the_order_made(tmp_path):

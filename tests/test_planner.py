@@ -192,3 +192,24 @@ def test_auto_assumes_no_nvshmem_where_it_cannot_start():
     """On this CPU machine NVSHMEM cannot start, so auto's plan uses NCCL's numbers."""
     best = planner.choose_for(FLUX_DEV_TRANSFORMER, 1, 4)  # with NVSHMEM: torus over it
     assert not any("NVSHMEM" in w for w in best.why)
+
+
+def test_the_one_sided_term_follows_the_transport_comm_gives(monkeypatch):
+    """NVSHMEM runs torus's all-to-all with comm='nvshmem', or 'auto' on one machine; 'auto'
+    across machines and 'nccl' run it over NCCL, and the plan must be judged so."""
+    from swiftfusion_xdit import nvshmem_transport
+    monkeypatch.setattr(nvshmem_transport, "unavailable_reason", lambda: None)  # as on a GPU machine
+    over = lambda comm, nodes, gpus: any("NVSHMEM" in w for w in
+                                         planner.choose_for(FLUX_DEV_TRANSFORMER, nodes, gpus, comm=comm).why)
+    assert over("auto", 1, 4) and over("nvshmem", 1, 4)
+    assert not over("nccl", 1, 4)
+    assert not over("auto", 4, 8) and over("nvshmem", 4, 8)
+    assert planner.as_run_with(planner.H200, "auto", 2).onesided_GBps is None
+    assert planner.as_run_with(planner.H200, "nvshmem", 2) == planner.H200
+
+
+def test_plan_command_takes_the_transport(capsys):
+    cli_main(["plan", "--nodes", "1", "--gpus-per-node", "4", "--sp-comm", "nccl"])
+    assert "NVSHMEM" not in capsys.readouterr().out
+    cli_main(["plan", "--nodes", "1", "--gpus-per-node", "4"])  # auto on one machine: NVSHMEM's numbers
+    assert "all-to-all over NVSHMEM" in capsys.readouterr().out
