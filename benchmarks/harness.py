@@ -15,7 +15,8 @@ random bf16 weights). Each configuration is its own torchrun job:
   across machines NVSHMEM serves the all-to-all inside each machine only,
   so both emulated networks still carry all inter-machine traffic).
 * ``video``: the same for Wan 2.1 14B text-to-video (``--video-sizes``,
-  frames x height x width; 81x480x832 = 32,760 video tokens by default).
+  frames x height x width; 81x720x1280 = 75,600 video tokens by default, 12.2 s per
+  forward on one H200, `results/video720_h200/`).
 * ``probe``: per topology, the link bandwidths measured in the same session
   (``benchmarks/link_probe.py``); multi-machine rows state them.
 
@@ -221,7 +222,8 @@ def main():
                     help="any of probe, xdit, pipefusion (patch sweep, PipeFusion + USP), diffusers, video")
     ap.add_argument("--sizes", default="1024")
     ap.add_argument("--diffusers-sizes", default="1024,2048")
-    ap.add_argument("--video-sizes", default="81x480x832", help="Wan 2.1 14B: FRAMESxHEIGHTxWIDTH,...")
+    ap.add_argument("--video-sizes", default="81x720x1280",
+                    help="Wan 2.1 14B: FRAMESxHEIGHTxWIDTH,... (720p x 81: 75,600 tokens, fits one H200)")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--timeout", type=int, default=300)
     ap.add_argument("--compile", action="store_true",
