@@ -217,19 +217,38 @@ class _Layout:
         block_d = triton.next_power_of_2(self.ints[3])
         self.blocks = (max(1, min(64, 8192 // block_d)), block_d)
         self.compiled: dict = {}  # (slot, src 16-byte aligned, wait, ctas) -> compiled kernel
+        self.prepared: dict = {}  # the same key + (me, dests, flags) -> a ready launch
 
     def launch(self, src: torch.Tensor, buffers: PeerBuffers, me: int, dests: torch.Tensor, use: int,
                ctas_per_peer: int, wait: bool, counter: torch.Tensor | None = None) -> None:
         _check_use(use)
         slot = 0 if counter is not None else use % 2  # counted: the kernel picks the slot
+        flags = buffers.flags if counter is None else counter
+        src_ptr = src.data_ptr()
+        # all other arguments are fixed per layout (or not specialised on)
+        key = (slot, src_ptr % 16 == 0, wait, ctas_per_peer, counter is not None)
+        ready = self.prepared.get((key, me, dests.data_ptr(), flags.data_ptr()))
+        if ready is not None and _FAST[0]:  # only the source and the epoch change between calls
+            kernel, grid, head, tail = ready
+            stream = torch._C._cuda_getCurrentRawStream(src.get_device())
+            try:
+                kernel.run(grid, 1, 1, stream, kernel.function, kernel.packed_metadata, None, None, None,
+                           src_ptr, *head, (use + 1) // 2, slot, *tail)
+                return
+            except TypeError:  # a Triton whose launcher takes other arguments: its own path below
+                _FAST[0] = False
         args = (src, self.dsts[slot], buffers.flags, buffers.data_deltas, buffers.flag_deltas, dests,
-                buffers.flags if counter is None else counter, buffers.slots[0].numel(),
-                me, buffers.group_size, (use + 1) // 2, slot, *self.ints)
+                flags, buffers.slots[0].numel(), me, buffers.group_size, (use + 1) // 2, slot, *self.ints)
         constexprs = dict(CTAS_PER_PEER=ctas_per_peer, BLOCK_R=self.blocks[0], BLOCK_D=self.blocks[1],
                           WAIT=wait, COUNTED=counter is not None)
-        # all other arguments are fixed per layout (or not specialised on)
-        key = (slot, src.data_ptr() % 16 == 0, wait, ctas_per_peer, counter is not None)
-        _launch(_put_chunks_kernel, self.compiled, key, dests.numel() * ctas_per_peer, args, constexprs)
+        grid = dests.numel() * ctas_per_peer
+        _launch(_put_chunks_kernel, self.compiled, key, grid, args, constexprs)
+        if key in self.compiled and _FAST[0]:
+            # Triton's launcher asks each tensor for its pointer on every call; these tensors live
+            # as long as the channel, so their pointers are taken once (1.5-2.7 us a call, measured)
+            head = tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args[1:10])
+            self.prepared[(key, me, dests.data_ptr(), flags.data_ptr())] = (
+                self.compiled[key], grid, head, (*self.ints, *constexprs.values()))
 
 
 def _check_use(use: int) -> None:
