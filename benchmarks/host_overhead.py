@@ -58,7 +58,7 @@ def profile(fn, calls: int = 300) -> str:
 
 
 def raw_launches(channel) -> dict:
-    """The compiled put kernel launched straight (as ``_launch``'s fast path does), with its
+    """The compiled put kernel launched straight (as ``peer_copy._run_compiled`` does), with its
     tensors passed as tensors and as raw pointers: how much of a call is Triton's launcher.
     With one rank the use number can repeat: its flag only grows, so each wait passes."""
     layout = next(iter(channel.buffers.plans.values()))

@@ -171,17 +171,25 @@ def _launch(kernel_fn, compiled: dict, key, grid: int, args: tuple, constexprs: 
     specialisation depends on that can change between its calls.
     """
     kernel = compiled.get(key)
-    if kernel is not None and _FAST[0]:
-        try:  # the raw stream handle: torch.cuda.current_stream() builds a Stream object (4 us)
-            stream = torch._C._cuda_getCurrentRawStream(args[0].get_device())
-            kernel.run(grid, 1, 1, stream, kernel.function,
-                       kernel.packed_metadata, None, None, None, *args, *constexprs.values())
-            return
-        except TypeError:  # a Triton whose launcher takes other arguments: keep to its own path
-            _FAST[0] = False
+    if kernel is not None and _run_compiled(kernel, grid, args[0].get_device(), (*args, *constexprs.values())):
+        return
     kernel = kernel_fn[(grid,)](*args, **constexprs)
     if all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata")):  # not the interpreter
         compiled[key] = kernel
+
+
+def _run_compiled(kernel, grid: int, device: int, args: tuple) -> bool:
+    """Launch a compiled kernel straight on the current stream; False (and never again) where
+    this Triton's launcher takes other arguments, so the caller keeps to Triton's own path."""
+    if not _FAST[0]:
+        return False
+    try:  # the raw stream handle: torch.cuda.current_stream() builds a Stream object (4 us)
+        kernel.run(grid, 1, 1, torch._C._cuda_getCurrentRawStream(device), kernel.function,
+                   kernel.packed_metadata, None, None, None, *args)
+        return True
+    except TypeError:
+        _FAST[0] = False
+        return False
 
 
 _FAST = [True]
@@ -227,16 +235,12 @@ class _Layout:
         src_ptr = src.data_ptr()
         # all other arguments are fixed per layout (or not specialised on)
         key = (slot, src_ptr % 16 == 0, wait, ctas_per_peer, counter is not None)
-        ready = self.prepared.get((key, me, dests.data_ptr(), flags.data_ptr()))
-        if ready is not None and _FAST[0]:  # only the source and the epoch change between calls
+        site = (key, me, dests.data_ptr(), flags.data_ptr())
+        ready = self.prepared.get(site)
+        if ready is not None:  # only the source and the epoch change between calls
             kernel, grid, head, tail = ready
-            stream = torch._C._cuda_getCurrentRawStream(src.get_device())
-            try:
-                kernel.run(grid, 1, 1, stream, kernel.function, kernel.packed_metadata, None, None, None,
-                           src_ptr, *head, (use + 1) // 2, slot, *tail)
+            if _run_compiled(kernel, grid, src.get_device(), (src_ptr, *head, (use + 1) // 2, slot, *tail)):
                 return
-            except TypeError:  # a Triton whose launcher takes other arguments: its own path below
-                _FAST[0] = False
         args = (src, self.dsts[slot], buffers.flags, buffers.data_deltas, buffers.flag_deltas, dests,
                 flags, buffers.slots[0].numel(), me, buffers.group_size, (use + 1) // 2, slot, *self.ints)
         constexprs = dict(CTAS_PER_PEER=ctas_per_peer, BLOCK_R=self.blocks[0], BLOCK_D=self.blocks[1],
@@ -247,8 +251,7 @@ class _Layout:
             # Triton's launcher asks each tensor for its pointer on every call; these tensors live
             # as long as the channel, so their pointers are taken once (1.5-2.7 us a call, measured)
             head = tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args[1:10])
-            self.prepared[(key, me, dests.data_ptr(), flags.data_ptr())] = (
-                self.compiled[key], grid, head, (*self.ints, *constexprs.values()))
+            self.prepared[site] = (self.compiled[key], grid, head, (*self.ints, *constexprs.values()))
 
 
 def _check_use(use: int) -> None:

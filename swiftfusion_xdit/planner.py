@@ -16,9 +16,10 @@ hidden under the attention blocks that can run while it is in flight:
 ring step k hides under block k; the torus all-gather hides under the local
 block; torus a2a hides its Q/K/V steps under the blocks already received and
 pays the output return. Each collective or step also pays a fixed latency.
-Torus's all-to-all inside a machine runs over NVSHMEM where it starts
-(``comm='auto'``): its own bandwidth and per-call latency (``onesided_*``),
-measured beside NCCL's by ``benchmarks/alltoall_bench.py``.
+Torus's all-to-all inside a machine runs over NVSHMEM with comm='nvshmem', or
+'auto' on one machine where NVSHMEM starts (``as_run_with``): its own bandwidth
+and per-call latency (``onesided_*``), measured beside NCCL's by
+``benchmarks/alltoall_bench.py``.
 
 Hardware numbers come from measurements (``Hardware.from_measurements``):
 GEMM and attention throughput fitted from one-GPU step times at two sizes,
