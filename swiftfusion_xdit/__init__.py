@@ -1,5 +1,6 @@
 """swiftfusion-xdit: topology-aware sequence parallelism (Torus Attention) for xDiT and diffusers."""
 
+import importlib.machinery
 import importlib.util
 import os
 import sys
@@ -17,16 +18,21 @@ __version__ = "0.1.0"
 def _kernels_from_checkout() -> None:
     """``kernels/`` sits at the repository top and is installed inside the package as
     ``swiftfusion_xdit.kernels`` (pyproject.toml maps it). Imported from a source checkout
-    (``python -m pytest`` in the repository), the package finds it there instead."""
+    (``python -m pytest`` in the repository), the package finds it there instead.
+
+    ``kernels/`` has no ``__init__.py`` on purpose: with the checkout on ``sys.path`` a
+    regular package named ``kernels`` would shadow Hugging Face's ``kernels``
+    distribution, which transformers imports. A folder without one never wins over an
+    installed package (tests/test_import_isolation.py)."""
     here = os.path.dirname(os.path.abspath(__file__))
-    source = os.path.join(os.path.dirname(here), "kernels", "__init__.py")
-    if os.path.isdir(os.path.join(here, "kernels")) or not os.path.isfile(source):
+    source = os.path.join(os.path.dirname(here), "kernels")
+    if os.path.isdir(os.path.join(here, "kernels")) or not os.path.isfile(os.path.join(source, "peer_copy.py")):
         return  # installed: the kernels are inside the package
-    spec = importlib.util.spec_from_file_location(f"{__name__}.kernels", source,
-                                                  submodule_search_locations=[os.path.dirname(source)])
+    spec = importlib.machinery.ModuleSpec(f"{__name__}.kernels", None, is_package=True)
+    spec.submodule_search_locations = [source]
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    globals()["kernels"] = module  # as the import system does for a found submodule
 
 
 _kernels_from_checkout()

@@ -11,6 +11,7 @@ timings. Launched outside torchrun, it re-launches itself under torchrun
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -40,20 +41,28 @@ def _pixels(text: str) -> int:
     return value
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Bad input gets one line on stderr and exit code 2 (argparse's usual error also
+    prints the whole usage, which buries the reason)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="swiftfusion-xdit")
+    ap = _OneLineParser(prog="swiftfusion-xdit")
     sub = ap.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate an image sequence-parallel")
     g.add_argument("--model", help="local folder or hub id of a diffusers pipeline "
                                    "(default: embedded tiny random-weight Flux)")
     g.add_argument("--prompt", default="a photo of a red car at night")
-    g.add_argument("--height", type=int, default=None)
-    g.add_argument("--width", type=int, default=None)
-    g.add_argument("--steps", type=int, default=None)
+    g.add_argument("--height", type=_positive, default=None)
+    g.add_argument("--width", type=_positive, default=None)
+    g.add_argument("--steps", type=_positive, default=None)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--sp-strategy", default="torus", choices=("torus", "ulysses", "ring", "usp", "auto"))
-    g.add_argument("--ulysses-degree", type=int, default=None)
-    g.add_argument("--torus-degree", type=int, default=None)
+    g.add_argument("--ulysses-degree", type=_positive, default=None)
+    g.add_argument("--torus-degree", type=_positive, default=None)
     g.add_argument("--sp-comm", default="auto", choices=("auto", "gloo", "nccl", "nvshmem"))
     # not --nproc: the whole command line passes through torchrun's parser, where --nproc
     # is an ambiguous abbreviation of --nproc-per-node/--nproc_per_node
@@ -93,6 +102,10 @@ def main(argv: list[str] | None = None) -> None:
         print(plan_report(args))
         return
     if "RANK" not in os.environ:
+        problem = _model_argument_problem(args.model)
+        if problem:  # before any rank starts: said once, not by each rank
+            print(f"swiftfusion-xdit generate: {problem}", file=sys.stderr)
+            sys.exit(2)
         _relaunch_under_torchrun(args, argv)
     else:
         _generate(args)
@@ -130,12 +143,36 @@ def _relaunch_under_torchrun(args, argv: list[str]) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
     nproc = args.ranks or (torch.cuda.device_count() if torch.cuda.is_available() else 4)
+    # Each rank would repeat the same start-up chatter (torchrun's OMP_NUM_THREADS notice,
+    # transformers' torchvision fallback notice); the ranks set their own thread counts.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
         torchrun(["--nproc-per-node", str(nproc), "--master-port", str(_free_port()),
                   "-m", "swiftfusion_xdit.cli", *argv])
     except ChildFailedError as err:  # the ranks said why; pass on their exit code, not a traceback
         codes = [failure.exitcode for failure in err.failures.values()]  # negative: a signal
+        if max(codes) != 2:  # 2: a refused input, already said once by rank 0
+            print(f"swiftfusion-xdit generate: ranks failed with exit codes {sorted(set(codes))} "
+                  f"(their output is above)", file=sys.stderr)
         sys.exit(max(codes) if max(codes) > 0 else 1)
+
+
+def _model_argument_problem(model: str | None) -> str | None:
+    """Why ``--model`` cannot name a diffusers pipeline, if that shows without loading it."""
+    if model is None:
+        return None
+    if os.path.isdir(model):
+        if not os.path.isfile(os.path.join(model, "model_index.json")):
+            return f"--model {model} is a folder but not a diffusers pipeline (it has no model_index.json)"
+        return None
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    try:
+        validate_repo_id(model)
+    except HFValidationError:
+        return f"--model {model} is neither a folder nor a valid hub id (like black-forest-labs/FLUX.1-dev)"
+    return None
 
 
 def _free_port() -> int:
@@ -158,7 +195,7 @@ def _generate(args) -> None:
     import torch.distributed as dist
 
     import swiftfusion_xdit
-    from swiftfusion_xdit.diffusers_integration import ensure_distributed, plan_strategy
+    from swiftfusion_xdit.diffusers_integration import SequenceSplitError, ensure_distributed, plan_strategy
     from swiftfusion_xdit.mesh import LayoutError
 
     device = ensure_distributed()
@@ -177,11 +214,16 @@ def _generate(args) -> None:
         out = pipe(**call, generator=generator, output_type=output_type)
         return out, time.perf_counter() - start
 
-    pipe = _load(args, device)
-    try:  # refuse a bad layout before the (long) single-process run
+    try:
+        pipe = _load(args, device)
+    except (OSError, ValueError) as err:  # hub errors are OSErrors; their first line says why
+        _fail(rank, f"cannot load --model {args.model}: {str(err).strip().splitlines()[0]}")
+    try:  # refuse bad input before the (long) single-process run
+        _check_size(pipe, height, width)
         plan_strategy(args.sp_strategy, pipe.transformer.config.num_attention_heads,
                       ulysses=args.ulysses_degree, torus=args.torus_degree, config=pipe.transformer.config,
                       comm=args.sp_comm)
+        _check_flux_split(pipe, height, width, call.get("max_sequence_length", 512), world)
     except (LayoutError, ValueError) as err:
         _fail(rank, err)
     reference = None
@@ -191,7 +233,10 @@ def _generate(args) -> None:
     pipe = swiftfusion_xdit.enable_parallel(pipe, args.sp_strategy,
                                             ulysses=args.ulysses_degree, torus=args.torus_degree,
                                             comm=args.sp_comm, output_on_all_ranks=True)
-    latents, t_parallel = run(pipe, "latent")
+    try:
+        latents, t_parallel = run(pipe, "latent")
+    except SequenceSplitError as err:  # models whose token counts only show at their first forward
+        _fail(rank, err)
     passed = True
     if rank == 0:
         layout = pipe.parallel_layout
@@ -215,7 +260,32 @@ def _generate(args) -> None:
         sys.exit(1)
 
 
-def _fail(rank: int, err: Exception):
+def _check_size(pipe, height: int, width: int) -> None:
+    """Flux-family pipelines pack 2x2 latent patches: other sizes would be resized silently."""
+    if not hasattr(pipe, "_unpack_latents"):
+        return
+    multiple = 2 * pipe.vae_scale_factor
+    for name, value in (("--height", height), ("--width", width)):
+        if value % multiple:
+            raise ValueError(f"{name} {value} is not a multiple of {multiple} (the VAE's "
+                             f"{pipe.vae_scale_factor}x downsampling times the 2x2 patches); "
+                             f"try {max(multiple, value // multiple * multiple)}")
+
+
+def _check_flux_split(pipe, height: int, width: int, text_tokens: int, world: int) -> None:
+    """The image and text tokens are each shared equally by the ranks (diffusers' split):
+    say which rank counts can, before any rank starts the model. Other models are checked
+    at their first forward (diffusers_integration's pre-hook)."""
+    if not hasattr(pipe, "_unpack_latents") or world == 1:
+        return
+    image_tokens = (height // (2 * pipe.vae_scale_factor)) * (width // (2 * pipe.vae_scale_factor))
+    if image_tokens % world or text_tokens % world:
+        fits = [n for n in range(2, 65) if image_tokens % n == 0 and text_tokens % n == 0]
+        raise ValueError(f"{world} ranks cannot share {image_tokens} image and {text_tokens} text tokens "
+                         f"equally at {width}x{height}; --ranks that can: {fits or 'none up to 64'}")
+
+
+def _fail(rank: int, err: Exception | str):
     """A refused input: one message (rank 0), no traceback, exit code 2 on every rank."""
     import torch.distributed as dist
     if rank == 0:
@@ -259,7 +329,7 @@ def _load(args, device):
         return tiny_flux_pipeline(args.seed).to(device)
     from diffusers import DiffusionPipeline
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype).to(device)
+    return DiffusionPipeline.from_pretrained(args.model, dtype=dtype).to(device)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from diffusers.hooks.context_parallel import apply_context_parallel
-from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
+from diffusers.models._modeling_parallel import ContextParallelConfig, ContextParallelInput, ParallelConfig
 from torch.distributed.device_mesh import DeviceMesh
 
 from .mesh import LayoutError, TorusLayout, build_mesh, plan_layout
@@ -169,8 +169,33 @@ def parallelize_transformer(transformer: torch.nn.Module, strategy: str = "torus
         if processor is not None and hasattr(processor, "_parallel_config"):
             processor._parallel_config = config
     apply_context_parallel(transformer, cp, plan)
+    transformer.register_forward_pre_hook(_refuse_unsplittable_inputs(plan, layout.dims.sp), with_kwargs=True)
     _wrap_dispatch(sys.modules[type(transformer).__module__])
     return layout
+
+
+def _refuse_unsplittable_inputs(plan: dict, sp: int):
+    """A forward pre-hook, run before diffusers' split hooks: diffusers shards each planned
+    input into equal parts and otherwise fails with an assertion deep in its sharder. Say
+    instead which input cannot be split and which rank counts could split them all."""
+    split_dims = {name: spec.split_dim for name, spec in plan.get("", {}).items()
+                  if isinstance(spec, ContextParallelInput)}
+
+    def check(module, args, kwargs):
+        lengths = {name: kwargs[name].shape[dim] for name, dim in split_dims.items()
+                   if isinstance(kwargs.get(name), torch.Tensor)}
+        bad = {name: n for name, n in lengths.items() if n % sp}
+        if bad:
+            fits = [p for p in range(2, 65) if all(n % p == 0 for n in lengths.values())]
+            raise SequenceSplitError(
+                f"{type(module).__name__}'s " + ", ".join(f"{name} ({n} tokens)" for name, n in bad.items())
+                + f" cannot be split evenly over {sp} ranks; rank counts that split every input "
+                f"({', '.join(f'{k} {n}' for k, n in lengths.items())}): {fits or 'none up to 64'}")
+    return check
+
+
+class SequenceSplitError(ValueError):
+    """An input sequence that the ranks cannot share equally."""
 
 
 def _refuse_broken_plan(transformer: torch.nn.Module) -> None:

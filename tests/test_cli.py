@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from swiftfusion_xdit.cli import _parser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,3 +38,27 @@ def test_a_refused_layout_is_said_once_and_exits_2():
     message = "ulysses degree 3 does not divide the sequence-parallel size 4"
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.count(message) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def _generate(*args: str, cwd: str = ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    return subprocess.run([sys.executable, "-m", "swiftfusion_xdit.cli", "generate", *args],
+                          capture_output=True, text=True, env=env, timeout=600, cwd=cwd)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--ranks", "3"], "3 ranks cannot share 256 image and 16 text tokens equally at 64x64; "
+                       "--ranks that can: [2, 4, 8, 16]"),
+    (["--steps", "0"], "argument --steps: must be a positive whole number, not 0"),
+    (["--height", "70"], "--height 70 is not a multiple of 4"),
+    (["--width", "-16"], "argument --width: must be a positive whole number, not -16"),
+    (["--model", "/nonexistent/pipeline"], "is neither a folder nor a valid hub id"),
+    (["--model", "not//a hub id"], "is neither a folder nor a valid hub id"),
+    (["--model", "{empty_folder}"], "is a folder but not a diffusers pipeline (it has no model_index.json)"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, says, tmp_path):
+    args = [a.format(empty_folder=tmp_path) for a in args]
+    proc = _generate(*args)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(lines) == 1 and says in lines[0], proc.stderr[-2000:]
