@@ -184,13 +184,14 @@ def _refuse_unsplittable_inputs(plan: dict, sp: int):
     def check(module, args, kwargs):
         lengths = {name: kwargs[name].shape[dim] for name, dim in split_dims.items()
                    if isinstance(kwargs.get(name), torch.Tensor)}
-        bad = {name: n for name, n in lengths.items() if n % sp}
-        if bad:
-            fits = [p for p in range(2, 65) if all(n % p == 0 for n in lengths.values())]
+        unsplittable = [name for name, n in lengths.items() if n % sp]
+        if unsplittable:
+            sizes = sorted(set(lengths.values()))
+            fits = [p for p in range(2, 65) if all(n % p == 0 for n in sizes)]
             raise SequenceSplitError(
-                f"{type(module).__name__}'s " + ", ".join(f"{name} ({n} tokens)" for name, n in bad.items())
-                + f" cannot be split evenly over {sp} ranks; rank counts that split every input "
-                f"({', '.join(f'{k} {n}' for k, n in lengths.items())}): {fits or 'none up to 64'}")
+                f"{type(module).__name__}: {', '.join(unsplittable)} cannot be split evenly over {sp} "
+                f"ranks; rank counts that split every sequence ({' and '.join(map(str, sizes))} "
+                f"tokens): {fits or 'none up to 64'}")
     return check
 
 

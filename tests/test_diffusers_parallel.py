@@ -102,6 +102,11 @@ def _check_errors(rank, world):
     pipe = enable_parallel(tiny_flux_pipeline(), "torus")
     with pytest.raises(RuntimeError, match="FluxTransformer2DModel is already parallel"):
         enable_parallel(pipe, "usp")
+    # 60x64: 15 x 16 = 240 image tokens, and 6 text tokens: 4 ranks cannot share the text equally
+    with pytest.raises(ValueError, match=r"encoder_hidden_states, txt_ids cannot be split evenly over 4 ranks; "
+                                         r"rank counts that split every sequence \(6 and 240 tokens\): \[2, 3, 6\]"):
+        pipe(PROMPT, height=60, width=64, num_inference_steps=1, max_sequence_length=6,
+             output_type="latent")
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
     unet = UNet2DModel(sample_size=8, block_out_channels=(8, 8), norm_num_groups=4,
                        down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
