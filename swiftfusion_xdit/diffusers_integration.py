@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import logging
 import os
 import sys
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from diffusers.hooks.context_parallel import apply_context_parallel
+from diffusers.hooks.context_parallel import _find_submodule_by_name, apply_context_parallel
 from diffusers.models._modeling_parallel import ContextParallelConfig, ContextParallelInput, ParallelConfig
 from torch.distributed.device_mesh import DeviceMesh
 
@@ -169,30 +170,48 @@ def parallelize_transformer(transformer: torch.nn.Module, strategy: str = "torus
         if processor is not None and hasattr(processor, "_parallel_config"):
             processor._parallel_config = config
     apply_context_parallel(transformer, cp, plan)
-    transformer.register_forward_pre_hook(_refuse_unsplittable_inputs(plan, layout.dims.sp), with_kwargs=True)
+    _refuse_unsplittable_inputs(transformer, plan, layout.dims.sp)
     _wrap_dispatch(sys.modules[type(transformer).__module__])
     return layout
 
 
-def _refuse_unsplittable_inputs(plan: dict, sp: int):
-    """A forward pre-hook, run before diffusers' split hooks: diffusers shards each planned
-    input into equal parts and otherwise fails with an assertion deep in its sharder. Say
-    instead which input cannot be split and which rank counts could split them all."""
-    split_dims = {name: spec.split_dim for name, spec in plan.get("", {}).items()
-                  if isinstance(spec, ContextParallelInput)}
+def _refuse_unsplittable_inputs(transformer: torch.nn.Module, plan: dict, sp: int) -> None:
+    """Pre-hooks, run before diffusers' split hooks on each module its plan splits inputs of:
+    diffusers shards each planned input into equal parts and otherwise fails with an
+    assertion deep in its sharder. Say instead which input cannot be split and which rank
+    counts could split them all."""
+    for module_name, entries in plan.items():
+        if isinstance(entries, dict):
+            modules = _find_submodule_by_name(transformer, module_name)  # diffusers' "*" rule
+            # one module per pattern: the blocks of a "blocks.*" see the same lengths
+            module = modules[0] if isinstance(modules, list) else modules
+            module.register_forward_pre_hook(functools.partial(_check_split, entries, sp), with_kwargs=True)
 
-    def check(module, args, kwargs):
-        lengths = {name: kwargs[name].shape[dim] for name, dim in split_dims.items()
-                   if isinstance(kwargs.get(name), torch.Tensor)}
-        unsplittable = [name for name, n in lengths.items() if n % sp]
-        if unsplittable:
-            sizes = sorted(set(lengths.values()))
-            fits = [p for p in range(2, 65) if all(n % p == 0 for n in sizes)]
-            raise SequenceSplitError(
-                f"{type(module).__name__}: {', '.join(unsplittable)} cannot be split evenly over {sp} "
-                f"ranks; rank counts that split every sequence ({' and '.join(map(str, sizes))} "
-                f"tokens): {fits or 'none up to 64'}")
-    return check
+
+def _check_split(entries: dict, sp: int, module, args, kwargs) -> None:
+    lengths = dict(_split_lengths(module, entries, args, kwargs))
+    unsplittable = [str(name) for name, n in lengths.items() if n % sp]
+    if unsplittable:
+        sizes = sorted(set(lengths.values()))
+        fits = [p for p in range(2, 65) if all(n % p == 0 for n in sizes)]
+        raise SequenceSplitError(
+            f"{type(module).__name__}: {', '.join(unsplittable)} cannot be split evenly over {sp} "
+            f"ranks; rank counts that split every sequence ({' and '.join(map(str, sizes))} "
+            f"tokens): {fits or 'none up to 64'}")
+
+
+def _split_lengths(module, entries: dict, args: tuple, kwargs: dict):
+    """(input name, length along its split dim) of each input diffusers will split: the
+    same rule as its hook (a tensor of the expected rank, not an output split)."""
+    for key, spec in entries.items():
+        if not isinstance(spec, ContextParallelInput) or spec.split_output:
+            continue
+        value = args[key] if isinstance(key, int) and key < len(args) else kwargs.get(key)
+        if value is None and isinstance(key, str):
+            names = list(inspect.signature(module.forward).parameters)
+            value = args[names.index(key)] if key in names and names.index(key) < len(args) else None
+        if isinstance(value, torch.Tensor) and spec.expected_dims in (None, value.dim()):
+            yield key, value.shape[spec.split_dim]
 
 
 class SequenceSplitError(ValueError):
