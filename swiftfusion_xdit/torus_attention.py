@@ -180,7 +180,7 @@ def choose_exchange(heads: int, ulysses: int, torus: int) -> str:
 
     At T == 2 both move 2X per GPU, but ``kv`` sends it all in one step under
     the local block and has no output return after the last block, so it
-    finishes sooner (measured on an emulated 2-machine link: see NOTES.md).
+    finishes sooner (measured on an emulated 2-machine link: see docs/design.md, decision log).
     """
     return "a2a" if torus > 2 and heads % (ulysses * torus) == 0 else "kv"
 
