@@ -48,8 +48,8 @@ Where time passes. CPU tensors: a ``FakeClock`` (injectable) is this rank's time
 nothing sleeps; ``Work.wait()`` moves it to the call's end, a caller modeling compute
 moves it with ``advance``; ``Cluster.transfers`` logs each leg with start and end.
 CUDA tensors: each stream is a CUDA stream that waits for the caller's stream, writes
-the fill, then spins (``torch.cuda._sleep``, cycles per microsecond calibrated once,
-the fill's copy time taken off) for the modeled time; ``Work.wait()`` makes the
+the fill, then spins on the GPU's wall clock (``kernels/link_spin.py``) for the modeled
+time less the fill's copy time (calibrated once); ``Work.wait()`` makes the
 caller's current stream wait, as NCCL's does, never the host. The clock still runs
 there, without compute: it then sums link time.
 
@@ -438,14 +438,18 @@ class _CudaLinks:
             raise NotImplementedError("LinkModel.collective_sms: holding SMs during a collective is "
                                       "not implemented (a spin holds one thread block)")
         self.streams: dict = {}
-        self.cycles_per_us = _calibrate_sleep()
+        from .kernels.link_spin import spin  # Triton: imported on a GPU only
+        self.spin = spin
         self.copy_us_per_byte = _calibrate_copy()
 
     def submit(self, durations: dict, fill, outputs: list, inputs: list) -> list:
         """Start the call's streams together once the caller's work so far and every one of
         them is free; fill on the first, spin on each; returns the events a wait joins."""
         issued = torch.cuda.current_stream().record_event()
-        streams = [self.streams.setdefault(key, torch.cuda.Stream()) for key in durations]
+        for key in durations:  # high priority: a link does not queue behind compute for an SM
+            if key not in self.streams:
+                self.streams[key] = torch.cuda.Stream(priority=-1)
+        streams = [self.streams[key] for key in durations]
         for stream in streams:  # first, so that under graph capture each stream joins it
             stream.wait_event(issued)
         tails = [stream.record_event() for stream in streams]
@@ -461,22 +465,9 @@ class _CudaLinks:
                     for t in (*outputs, *inputs):  # the caller may free them before we are done
                         t.record_stream(stream)
                     us -= copy_us
-                torch.cuda._sleep(max(0, int(us * self.cycles_per_us)))
+                self.spin(int(us * 1e3))
                 events.append(stream.record_event())
         return events
-
-
-def _calibrate_sleep(cycles: int = 20_000_000, repeats: int = 5) -> float:
-    """``torch.cuda._sleep`` cycles per microsecond on this GPU (median of a few spins)."""
-    rates = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        torch.cuda._sleep(cycles)
-        end.record()
-        end.synchronize()
-        rates.append(cycles / (start.elapsed_time(end) * 1e3))
-    return statistics.median(rates)
 
 
 def _calibrate_copy(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
