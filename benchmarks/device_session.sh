@@ -6,10 +6,14 @@
 # Run from the repository root on the device machine with .whl/ carried (it must hold
 # ../shared/tools/device-wheels.sh's wheels and ours: pip wheel --no-deps . -w .whl/).
 # Steps (N = GPUs on the machine):
-#   kernels    one-sided all-to-all vs NCCL on N ranks, CUDA graphs and compile over NVSHMEM;
-#              Torus Attention on 2 emulated machines vs one GPU, with the exchange's hidden share
+#   gpu-tests  pytest tests/gpu: every GPU test this machine can run (one GPU: about 8 minutes),
+#              results and logs in OUT_FOLDER
+#   kernels    (N >= 2) the NVSHMEM tests with a GPU per rank (all-to-all vs NCCL, CUDA graphs and
+#              compile over NVSHMEM) and Torus Attention on 2 emulated machines vs one GPU, with the
+#              exchange's hidden share
 #   alltoall   NVSHMEM vs NCCL all-to-all microbenchmark
-#   shared     (one-GPU machines) the NVSHMEM checks with 4 processes sharing the GPU (MPS)
+#   shared     (one-GPU machines) the NVSHMEM tests with 4 processes sharing the GPU (the test
+#              fixture starts and stops CUDA MPS)
 #   harness-1  probes + xDiT + diffusers path, 1xN and 2x(N/2)            (new OUT_FOLDER)
 #   harness-2  the same for Nx1 and the paced 50 GB/s twins               (--append)
 #   compiled   compiled runs (xDiT --use_torch_compile)                    (--append)
@@ -18,9 +22,10 @@
 #   video      Wan 2.1 14B, 81x720x1280 (75,600 tokens; one forward 12.2 s on one H200), 1xN (--append)
 #   video-2    the same on 2x(N/2)                                          (--append)
 #   rank-compute  (one GPU is enough) one rank's share of each grid, no communication
-#   threads    (one GPU is enough) Torus Attention on every grid, one thread per rank, vs plain attention;
-#              the LSE kernels at head dims that are not multiples of 8
-#   merge      (one GPU is enough) the fused LSE merge: equality, and eager rank compute with each form
+#   threads    (one GPU is enough) the tests of Torus Attention on every grid, one thread per rank,
+#              vs plain attention, and of the LSE kernels at head dims that are not multiples of 8
+#   merge      (one GPU is enough) the fused LSE merge: its tests, its speed, and eager rank compute
+#              with each form
 #   smoke      (one-GPU machines) the harness end to end as topology 1x1 (new OUT_FOLDER): its code
 #              paths, and torus's own overhead beside xDiT's USP at one rank
 # Appending steps need the earlier steps' folder in the working tree (unpack it into
@@ -44,34 +49,33 @@ fail=0
 run() { "$@" || fail=1; }  # every command runs; the step fails if any did
 # the harness skips jobs that could not finish inside the call (the device's 10-minute cap)
 harness() { run python3 benchmarks/harness.py --gpus "$n" --out "$out" --deadline 540 "$@"; }
+# GPU tests ($1: seconds), their JSON, Markdown and worker logs in $out; -rs names every skip's reason
+gpu_tests() {
+  local limit=$1; shift
+  mkdir -p "$out" && SWIFTFUSION_GPU_RESULTS="$out" run timeout "$limit" python3 -m pytest -rs -p no:cacheprovider "$@"
+}
 case $step in
+  gpu-tests) gpu_tests 570 tests/gpu ;;
   kernels)
-    run timeout 200 torchrun --nproc-per-node "$n" benchmarks/kernel_device_check.py --nvshmem --out "$out"
-    run timeout 200 torchrun --nproc-per-node "$n" benchmarks/shared_gpu_check.py --machines 1 --diffusers --out "$out"
-    # issue 2's device check: equality on two emulated machines, and the exchange hidden under compute
-    run timeout 150 torchrun --nproc-per-node "$n" benchmarks/torus_device_check.py --nodes 2 --out "$out" ;;
+    gpu_tests 550 tests/gpu/test_gpu_nvshmem.py::test_all_to_all_equals_nccls_and_the_heap_refuses_what_cannot_fit \
+      tests/gpu/test_gpu_nvshmem.py::test_one_process_per_gpu \
+      tests/gpu/test_gpu_multi.py::test_torus_attention_on_two_emulated_machines_matches_one_gpu ;;
   rank-compute)
     run timeout 400 python3 benchmarks/rank_compute.py --sizes 1024,2048 \
       --grids 1x1,1x2,1x4,1x8,2x1,2x2,4x1,2x4,4x2,8x1 --compile-grids 1x1,1x2,1x4 --out "$out"
     run timeout 150 python3 benchmarks/rank_compute.py --sizes 4096 --grids 1x1,1x4,1x8 \
       --compile-grids none --out "$out/4096" ;;
   threads)
-    run timeout 60 python3 benchmarks/head_dim_check.py --out "$out/head_dims"
-    run timeout 400 python3 benchmarks/thread_ranks_check.py --flux 1024,2048 --out "$out" ;;
+    gpu_tests 470 tests/gpu/test_gpu_lse_kernels.py::test_lse_kernels_at_head_dims_that_are_not_multiples_of_8 \
+      tests/gpu/test_gpu_thread_ranks.py ;;
   merge)
-    run timeout 120 python3 benchmarks/merge_check.py --out "$out"
+    gpu_tests 80 tests/gpu/test_gpu_lse_kernels.py -k merge
+    run timeout 40 python3 benchmarks/kernel_speed.py --parts merge --out "$out"
     run timeout 450 python3 benchmarks/rank_compute.py --sizes 1024,2048 --grids 1x1,2x2,4x1,4x2,8x1 \
       --compile-grids none --merge torch,fused --host-ops --out "$out/rank_compute" ;;
   alltoall)  run timeout 500 torchrun --nproc-per-node "$n" benchmarks/alltoall_bench.py --out "$out"
              run python3 benchmarks/alltoall_report.py "$out/alltoall_${n}gpu.json" ;;  # table and plot
-  shared)    # one GPU: four processes share it under CUDA MPS (correctness only, nothing timed)
-    export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps CUDA_MPS_LOG_DIRECTORY=/tmp/mpslog
-    mkdir -p /tmp/mps /tmp/mpslog && nvidia-cuda-mps-control -d
-    CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=25 run timeout 250 torchrun --nproc-per-node 4 \
-      benchmarks/shared_gpu_check.py --machines 1 --diffusers --out "$out"
-    CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=25 run timeout 150 torchrun --nproc-per-node 4 \
-      benchmarks/shared_gpu_check.py --machines 2 --out "$out"
-    echo quit | nvidia-cuda-mps-control ;;
+  shared)    gpu_tests 560 tests/gpu/test_gpu_nvshmem.py -k sharing ;;  # correctness only, nothing timed
   smoke)     harness --topologies 1x1 --sizes 1024 --diffusers-sizes 1024 --timeout 150 ;;
   harness-1) harness --topologies "1x$n,2x$half" --sizes 1024 --timeout 240 ;;
   harness-2) harness --topologies "${n}x1,2x${half}p50,${n}x1p50" --sizes 1024 --timeout 240 --append ;;
@@ -83,6 +87,6 @@ case $step in
   video-2)   harness --topologies "2x$half" --suites video --timeout 480 --append ;;
   *) echo "unknown step $step"; exit 2 ;;
 esac
-case $step in kernels|alltoall|shared|rank-compute|merge|threads) ;; *) run python3 benchmarks/report.py "$out" > /dev/null ;; esac
+case $step in gpu-tests|kernels|alltoall|shared|rank-compute|merge|threads) ;; *) run python3 benchmarks/report.py "$out" > /dev/null ;; esac
 if [ -n "${OUT:-}" ] && [ -d "$out" ]; then run bash benchmarks/pack_out.sh "$out" "$step"; fi
 exit $fail

@@ -16,6 +16,10 @@ and runs the same inputs. One forward = one denoising step without CFG.
 Each run also profiles one forward for its per-layer attention and
 communication time (``kernel_breakdown.py``; the rank with the most exposed
 communication is reported).
+
+The harness runs this for its ``diffusers`` and ``video`` suites, and
+``rank_compute.py`` builds its model and inputs with it; each run's ``pass``
+(rel err < 2e-2) is asserted by tests/gpu/test_gpu_multi.py.
 """
 
 from __future__ import annotations

@@ -228,7 +228,7 @@ def _divisors(n: int) -> list[int]:
 
 
 # Named ranges so profiler traces can tell the two exchanges apart
-# (benchmarks/torus_device_check.py measures how much of each is hidden).
+# (tests/gpu/_worker_torus.py records how much of each is hidden).
 def _all_to_all(transport: Transport, x: torch.Tensor, group, scatter_dim: int,
                 gather_dim: int) -> torch.Tensor:
     with record_function("ulysses_all_to_all"):

@@ -1,4 +1,6 @@
-"""The benchmark harness's job list and the reports' arithmetic, on committed results."""
+"""The benchmark harness's job list and the reports' arithmetic, on committed results; the
+A/B tools (benchmarks/tools/); and, reduced to CPU, the threads-as-ranks machinery of the
+GPU tests (tests/gpu/thread_ranks.py)."""
 
 import json
 import os
@@ -8,8 +10,9 @@ import sys
 import pytest
 
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-sys.path.insert(0, BENCH)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks")
+sys.path[:0] = [BENCH, os.path.join(BENCH, "tools"), os.path.join(ROOT, "tests", "gpu")]
 
 import harness  # noqa: E402
 import report  # noqa: E402
@@ -251,7 +254,7 @@ def test_rank_compute_runs_one_ranks_shapes_through_torus_attention(monkeypatch)
     import torch
     import rank_compute
     from diffusers.models.transformers import transformer_flux
-    from thread_ranks_check import tiny_flux
+    from thread_ranks import tiny_flux
     monkeypatch.setattr(rank_compute.torus_module, "dist", rank_compute._VirtualDist())
     monkeypatch.setattr(transformer_flux, "dispatch_attention_fn", transformer_flux.dispatch_attention_fn)
     model, kw = tiny_flux("cpu")
@@ -268,26 +271,28 @@ def test_rank_compute_runs_one_ranks_shapes_through_torus_attention(monkeypatch)
     assert counts("2,3,4", 24, 4, 1) == [1, 2, 3] and counts("2", 24, 2, 2) == [1] and counts("2", 24, 1, 1) == [1]
 
 
-def test_thread_ranks_check_passes_every_grid_and_catches_a_wrong_merge(tmp_path, monkeypatch):
+def test_thread_ranks_pass_every_grid_and_catch_a_wrong_merge(monkeypatch):
     """The one-device equality check (one thread per rank) on CPU: every grid and exchange
     within tolerance, for the attention and for a whole tiny Flux; with a merge that drops
     every block after the first, both report failure."""
-    import thread_ranks_check as check
-    grids = ["--grids", "1x2,2x2,3x1,4x1,2x4", "--device", "cpu", "--small", "--flux", "tiny"]
-    assert check.main(grids + ["--out", str(tmp_path / "ok")]) == 0
-    result = json.load(open(tmp_path / "ok" / "thread_ranks_check.json"))
-    seen = {(r["grid"], r["exchange"], r["joint"]) for r in result["rows"]}
+    import thread_ranks
+    grids = "1x2,2x2,3x1,4x1,2x4"
+    rows = thread_ranks.attention_rows(grids, "cpu", small=True)
+    assert all(r["ok"] for r in rows)
+    seen = {(r["grid"], r["exchange"], r["joint"]) for r in rows}
     assert ("4x1", "a2a", "padded") in seen and ("2x4", "kv", "keys_only") in seen
     assert ("1x2", "kv/hc2", "padded") in seen  # the head-chunked all-to-all, overlapped order
-    model = json.load(open(tmp_path / "ok" / "thread_ranks_flux.json"))  # the whole tiny Flux
-    assert {(r["grid"], r["exchange"]) for r in model["rows"]} >= {("2x2", "kv"), ("4x1", "a2a"), ("2x4", "a2a"),
-                                                                   ("1x2", "kv/hc2")}
-    monkeypatch.setattr(check.torus_module, "merge_into", lambda *args: None)
-    bad = ["--grids", "2x1", "--device", "cpu", "--small", "--flux", "tiny", "--out", str(tmp_path / "bad")]
-    assert check.main(bad) == 1
-    assert not json.load(open(tmp_path / "bad" / "thread_ranks_flux.json"))["ok"]
+    lines = thread_ranks.table("cpu", "Reduced", rows)  # what the GPU test writes
+    assert "All within tolerance: yes" in lines[2] and len(lines) == 6 + len(rows)
+    model = thread_ranks.flux_rows("tiny", grids, "cpu")  # the whole tiny Flux
+    assert all(r["ok"] for r in model)
+    assert {(r["grid"], r["exchange"]) for r in model} >= {("2x2", "kv"), ("4x1", "a2a"), ("2x4", "a2a"),
+                                                           ("1x2", "kv/hc2")}
+    monkeypatch.setattr(thread_ranks.torus_module, "merge_into", lambda *args: None)
+    assert not all(r["ok"] for r in thread_ranks.attention_rows("2x1", "cpu", small=True))
+    assert not all(r["ok"] for r in thread_ranks.flux_rows("tiny", "2x1", "cpu"))
     import torch
-    nan_on_one_rank = [check.rel_err(torch.tensor([1.0, float("nan")]), torch.ones(2)), 0.01]
+    nan_on_one_rank = [thread_ranks.rel_err(torch.tensor([1.0, float("nan")]), torch.ones(2)), 0.01]
     assert max(nan_on_one_rank) == float("inf")  # a NaN rank is the worst, wherever it is
 
 
@@ -342,6 +347,19 @@ def test_ab_table_averages_each_builds_abba_repeats(tmp_path):
     assert "| 1024² | 2x2 | kv | 2.000 | 2.000 | 1.000 | 0.500 | 0.500 | 110.0 | 90.0 |" in (tmp_path / "ab.md").read_text()
     os.remove(tmp_path / "rank_compute_old" / "rank_compute.json")  # the first old run failed: old2 stands
     assert ab_table.rank_rows(str(tmp_path), "old")[(1024, "2x2", "kv")]["ms"] == 120.0
+
+
+def test_the_device_scripts_name_only_files_and_tests_that_exist():
+    """The device checks moved into tests/gpu/ and the A/B tools into benchmarks/tools/: every
+    script and test node the device shell scripts name must still be there."""
+    import re
+    for script in ("device_session.sh", os.path.join("tools", "ab_builds.sh")):
+        text = open(os.path.join(BENCH, script)).read()
+        paths = set(re.findall(r"(?:benchmarks|tests)/[\w/]+\.(?:py|sh)", text))
+        assert paths, script
+        assert [p for p in paths if not os.path.exists(os.path.join(ROOT, p))] == [], script
+        for path, test in re.findall(r"(tests/gpu/\w+\.py)::(\w+)", text):
+            assert f"def {test}(" in open(os.path.join(ROOT, path)).read(), (script, test)
 
 
 def test_a_device_step_leaves_one_archive_of_its_folder_under_out(tmp_path):

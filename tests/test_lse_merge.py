@@ -5,7 +5,7 @@ PyTorch form; here the kernel itself runs on CPU tensors (interpreter) and must
 give what the PyTorch form gives, and what attention over all keys gives. It
 runs in a fresh interpreter because ``TRITON_INTERPRET`` must be set before the
 kernel is decorated. The GPU run of the same comparison is
-``benchmarks/merge_check.py``.
+``tests/gpu/test_gpu_lse_kernels.py``.
 """
 
 from __future__ import annotations

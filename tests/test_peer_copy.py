@@ -5,7 +5,7 @@ array, and the per-peer deltas are the real address distances between them,
 exactly what ``nvshmem_ptr`` gives on a GPU. The interpreter runs one program
 at a time, so every rank sends first (``wait=False``) and then waits with
 ``wait_flags``; the fused wait and real concurrency are checked on the GPU by
-``benchmarks/kernel_device_check.py``. The scenarios run in a fresh
+``tests/gpu/test_gpu_peer_copy.py`` and ``test_gpu_nvshmem.py``. The scenarios run in a fresh
 interpreter because ``TRITON_INTERPRET`` must be set before the kernels are
 decorated.
 """

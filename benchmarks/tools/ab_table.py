@@ -1,11 +1,13 @@
 """Join ab_builds.sh's two builds into one table: ab.md, ab.json and ab.png in its folder.
 
-    python benchmarks/ab_table.py FOLDER [--plot-only]   (--plot-only: redraw ab.png from ab.json)
+    python benchmarks/tools/ab_table.py FOLDER [--plot-only]   (--plot-only: redraw ab.png from ab.json)
 """
 
 import json
 import os
 import sys
+
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/: accuracy
 
 
 def load(path: str):

@@ -1,24 +1,21 @@
-"""The NVSHMEM transport across real processes sharing one GPU (CUDA MPS).
+"""Worker of test_gpu_nvshmem.py: the NVSHMEM transport across real processes, one
+NVSHMEM PE each, several sharing one GPU (under CUDA MPS) or one GPU each.
 
-    nvidia-cuda-mps-control -d
-    CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=25 torchrun --nproc-per-node 4 \
-        benchmarks/shared_gpu_check.py --machines 2 --out results/
+    torchrun --nproc-per-node 4 tests/gpu/_worker_shared_gpu.py --machines 2 --out DIR
 
-When no multi-GPU machine is at hand, this still runs the one-sided transport
-as it runs in production -- one process per rank, one NVSHMEM PE each,
-symmetric buffers mapped into the other processes, flags raised across
-processes -- only with every PE on the same GPU (NVSHMEM's "multiple PEs per
-GPU", which needs MPS for kernels of different processes to run at once: the
-kernels spin on each other's flags). ``--machines M`` emulates M machines
-(``SWIFTFUSION_NODE``), so NVSHMEM starts one job per machine. With a GPU per
-rank (``device_session.sh kernels``) the same checks run over NVLink.
+This runs the one-sided transport as it runs in production -- one process per rank,
+symmetric buffers mapped into the other processes, flags raised across processes --
+also where every PE is on the same GPU (NVSHMEM's "multiple PEs per GPU", which needs
+MPS for kernels of different processes to run at once: the kernels spin on each other's
+flags). ``--machines M`` emulates M machines (``SWIFTFUSION_NODE``), so NVSHMEM starts
+one job per machine.
 
-NCCL refuses two ranks on one GPU, so torch.distributed runs on gloo here and
-the references are built from CPU copies: the Ulysses all-to-all both ways
-and one torus step must be bit-exact, and Torus Attention with the NVSHMEM
-transport must equal one-process attention within bf16 tolerance (one
-machine; across machines the torus needs NCCL). Timings would mean nothing
-on a shared GPU and are not taken.
+NCCL refuses two ranks on one GPU, so torch.distributed runs on gloo here and the
+references are built from CPU copies: the Ulysses all-to-all both ways and one torus
+step must be bit-exact, and Torus Attention with the NVSHMEM transport must equal
+one-process attention within bf16 tolerance (one machine; across machines the torus
+needs NCCL). Writes shared_gpu_{ranks}ranks_{machines}machines.json, which the test
+asserts on; nothing is timed.
 """
 
 from __future__ import annotations
@@ -186,37 +183,14 @@ def all_ranks(value: float, op=dist.ReduceOp.MIN) -> float:
     return t.item()
 
 
-def markdown(results: list[dict]) -> str:
-    lines = [f"# NVSHMEM transport, real processes sharing one {results[0]['device']} (CUDA MPS)", "",
-             "One process per rank, one NVSHMEM PE each, every PE on the same GPU "
-             "(`benchmarks/shared_gpu_check.py`); references from CPU copies over gloo.", "",
-             "| ranks | machines (NVSHMEM jobs) | check | size | dtype | result |", "|---|---|---|---|---|---|"]
-    for r in results:
-        for c in r["checks"]:
-            size = c.get("tokens") or c.get("image_tokens") or ""
-            verdict = ("bit-exact" if c["bit_exact"] else "DIFFERS") if "bit_exact" in c else \
-                f"rel err {c['max_rel_err']:.1e}" + (f" (joint {c['max_joint_rel_err']:.1e})"
-                                                     if "max_joint_rel_err" in c else "")
-            if "cudagraph_skips" in c:
-                verdict += f", CUDA-graph skips: {c['cudagraph_skips']}"
-            lines.append(f"| {r['world']} | {r['machines']} ({len(r['nvshmem_jobs'])}) | {c['what']} | {size} "
-                         f"| {c.get('dtype', 'torch.bfloat16').replace('torch.', '')} | {verdict} |")
-    return "\n".join(lines) + "\n"
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--machines", type=int, default=1)
-    ap.add_argument("--out", default=".")
-    ap.add_argument("--report", nargs="+", help="write shared_gpu.md beside these result JSONs")
+    ap.add_argument("--out", required=True)
     ap.add_argument("--diffusers", action="store_true", help="also the diffusers path end to end")
     args = ap.parse_args()
-    if args.report:
-        with open(os.path.join(os.path.dirname(args.report[0]), "shared_gpu.md"), "w") as f:
-            f.write(markdown([json.load(open(p)) for p in args.report]))
-        return
     faulthandler.enable()  # a crash says where
-    faulthandler.dump_traceback_later(130, exit=True)  # and so does a hang (before any step timeout)
+    faulthandler.dump_traceback_later(240, exit=True)  # and so does a hang (before the test's timeout)
     world = int(os.environ["WORLD_SIZE"])
     emulate_machines(args.machines)  # SWIFTFUSION_NODE per rank (NCCL's variables: unused on gloo)
     dist.init_process_group("gloo")

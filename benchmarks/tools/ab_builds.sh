@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Two builds of swiftfusion-xdit side by side on one GPU, in one device call:
+# Two builds of swiftfusion-xdit side by side on one GPU, in one device call (from the
+# repository root):
 #
-#   bash benchmarks/ab_builds.sh OLD_WHEEL_DIR OUT_FOLDER
+#   bash benchmarks/tools/ab_builds.sh OLD_WHEEL_DIR OUT_FOLDER
 #
 # OLD_WHEEL_DIR holds the wheel of an earlier revision (git worktree add /tmp/old REV &&
 # pip wheel --no-deps /tmp/old -w .whl_old); .whl/ holds the dependencies and the current
@@ -33,6 +34,6 @@ for build in old new new2 old2; do  # ABBA: drift during the call falls on both 
   case $build in *2) ;; *) PYTHONPATH=$site xdit "torus_$build" --sp-strategy torus --sp-comm nccl ;; esac
 done
 PYTHONPATH=/tmp/site xdit usp --sp-strategy usp
-run python3 benchmarks/ab_table.py "$out"
+run python3 benchmarks/tools/ab_table.py "$out"
 if [ -n "${OUT:-}" ]; then run bash benchmarks/pack_out.sh "$out" ab; fi  # one returned file, not dozens
 exit $fail

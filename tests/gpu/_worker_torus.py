@@ -1,14 +1,14 @@
-"""Torus Attention on GPUs: equality with one-GPU attention, and how much of
-the inter-machine exchange is hidden under compute (from a profiler trace).
+"""Worker of test_gpu_multi.py: Torus Attention on GPUs against one-GPU attention, and
+how much of the inter-machine exchange is hidden under compute (from a profiler trace).
 
-Run one grid per launch (NCCL reads NCCL_HOSTID at init, so the emulated
-machine count is fixed per process):
+    torchrun --nproc-per-node 4 tests/gpu/_worker_torus.py --nodes 2 --out DIR
 
-    torchrun --nproc-per-node 4 benchmarks/torus_device_check.py --nodes 2 --out results/
-
-``--nodes M`` makes ranks [k*G, (k+1)*G) "machine" k by setting NCCL_HOSTID
-(and SWIFTFUSION_NODE) before NCCL starts, so NCCL uses its network transport
-between them, as between real machines.
+One grid per launch (NCCL reads NCCL_HOSTID at init, so the emulated machine count is
+fixed per process): ``--nodes M`` makes ranks [k*G, (k+1)*G) "machine" k by setting
+NCCL_HOSTID (and SWIFTFUSION_NODE) before NCCL starts, so NCCL uses its network
+transport between them, as between real machines. Writes
+torus_check_{M}x{G}_{transport}.json: the equality checks (asserted by the test), and
+the timing and hidden fraction (recorded only).
 
 Hidden fraction: GPU kernels launched inside the ``torus_exchange`` profiler
 range (NCCL send/recv of the inter-machine steps) are intervals on NCCL's
@@ -92,7 +92,7 @@ def hidden_fraction(trace_path: str) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--nodes", type=int, default=1)
-    ap.add_argument("--out", default=".")
+    ap.add_argument("--out", required=True)
     ap.add_argument("--comm", default="nccl")
     args = ap.parse_args()
     setup(args.nodes)
@@ -135,6 +135,7 @@ def main():
     prof.export_chrome_trace(path)
     if rank == world - 1:  # keep one raw trace for inspection
         import gzip, shutil
+        os.makedirs(args.out, exist_ok=True)
         with open(path, "rb") as src, gzip.open(os.path.join(args.out, f"trace_{args.nodes}n_rank{rank}.json.gz"), "wb") as dst:
             shutil.copyfileobj(src, dst)
     overlap = hidden_fraction(path)

@@ -1,35 +1,28 @@
-"""Torus Attention on every grid with one thread per rank, on one GPU, against plain attention.
+"""Torus Attention with one thread per rank on one device: the machinery of the
+threads-as-ranks checks (tests/gpu/test_gpu_thread_ranks.py on a GPU; its CPU run,
+reduced, is in tests/test_benchmarks.py).
 
-    python benchmarks/thread_ranks_check.py --out benchmarks/results/thread_ranks/
+Each rank of a (machines x GPUs) grid is a thread running the real Torus Attention
+code -- the kernels it picks (cuDNN with log-sum-exp, the fused merge) and the real
+schedule -- over a transport that hands tensors between threads (a copy per message;
+every thread enqueues on the device's one default stream, so a tensor is complete
+before any later work reads it). Each rank's output shard is compared with float64
+attention over the whole sequence (bf16: 2e-2 relative, fp32: 1e-5): with the text in
+the sequence, as joint tokens in front, as joint keys only, and with padded text and
+sequence keys (key masks). What it does not check: NCCL/NVSHMEM and overlap (nothing
+runs concurrently), which the multi-GPU tests cover.
 
-The multi-GPU equality checks need several GPUs; this one needs one. Each
-rank of a (machines x GPUs) grid is a thread running the real Torus
-Attention code -- the GPU kernels it picks (cuDNN with log-sum-exp, the
-fused merge) and the real schedule -- over a transport that hands tensors
-between threads (a copy per message; every thread enqueues on the GPU's one
-default stream, so a tensor is complete before any later work reads it).
-Each rank's output shard is compared with float64 attention over the whole
-sequence (bf16: 2e-2 relative, fp32: 1e-5): with the text in the sequence,
-as joint tokens in front, as joint keys only, and with padded text and
-sequence keys (key masks). What it does not
-check: NCCL/NVSHMEM and overlap (nothing runs concurrently), which the
-multi-GPU checks cover. ``--device cpu --small`` runs the same on CPU (a
-test uses it).
-
-``--flux 1024`` does the same for a whole model: every rank-thread runs the
-FLUX.1-dev transformer (real config, random bf16 weights, one copy shared by
-the threads) on its shard of the image and text tokens, as diffusers' plan
-splits them, with its attention going through Torus Attention; the image
-shards joined in rank order must equal the unsharded forward (bf16 2e-2;
-fp32, the tiny CPU model: 1e-4).
+``flux_rows`` does the same for a whole model: every rank-thread runs the FLUX.1-dev
+transformer (real config, random bf16 weights, one copy shared by the threads; on CPU a
+tiny random Flux) on its shard of the image and text tokens, as diffusers' plan splits
+them, with its attention going through Torus Attention; the image shards joined in rank
+order must equal the unsharded forward (bf16 2e-2; fp32, the tiny CPU model: 1e-4).
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -323,9 +316,9 @@ def tiny_flux(device: str):
     return model, kw
 
 
-def flux_rows(sizes: str, grids: str, device: str, on_row=lambda rows: None) -> list[dict]:
-    """The whole transformer at each size, on every grid whose degrees divide its heads and
-    tokens; ``on_row(rows)`` after each (a time limit keeps what ran)."""
+def flux_rows(sizes: str, grids: str, device: str) -> list[dict]:
+    """The whole transformer at each size ("tiny": a small random Flux), on every grid whose
+    degrees divide its heads and tokens."""
     model, rows = None, []
     for size in sizes.split(","):
         if size == "tiny":
@@ -345,64 +338,33 @@ def flux_rows(sizes: str, grids: str, device: str, on_row=lambda rows: None) -> 
             rows.append(dict(size=size, **check_flux(model, kw, reference_out, machines, per, exchange,
                                                      str(reference_out.dtype).split(".")[1])))
             print(json.dumps(rows[-1]), flush=True)
-            on_row(rows)
     return rows
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--grids", default="1x2,2x1,2x2,1x4,4x1,3x1,2x4,4x2,8x1")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--small", action="store_true", help="a reduced sequence (CPU)")
-    ap.add_argument("--flux", help="also the whole FLUX.1-dev transformer at these image sides "
-                                   "(e.g. 1024,2048; 'tiny': a small random Flux, for CPU)")
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args(argv)
-    heads, dim = 24, 128  # Flux's attention
-    # Flux 1024²: 4,096 image tokens + 512 text; reduced: 48 + 8
-    tokens, text = (48, 8) if args.small else (4096, 512)
-    dtypes = (torch.float32, torch.bfloat16) if args.small else (torch.bfloat16,)
+def attention_rows(grids: str, device: str, small: bool = False) -> list[dict]:
+    """Every grid and exchange with each joint-text kind, Flux's attention (24 heads, head
+    dim 128) on Flux 1024²'s 4,096 image + 512 text tokens (``small``: 48 + 8, fp32 too)."""
+    heads, dim = 24, 128
+    tokens, text = (48, 8) if small else (4096, 512)
+    dtypes = (torch.float32, torch.bfloat16) if small else (torch.bfloat16,)
     rows = []
-    for machines, per, exchange in grids_and_exchanges(args.grids, heads):
+    for machines, per, exchange in grids_and_exchanges(grids, heads):
         for dtype in dtypes:
             for i, joint_kind in enumerate(("none", "front", "keys_only", "padded")):
                 n = tokens + (text if joint_kind == "none" else 0)  # text in the sequence, or joint
                 n -= n % (machines * per)
-                row = check_case(machines, per, exchange, dtype, joint_kind, n, text, heads, dim,
-                                 args.device, seed=1000 * machines + 100 * per + i)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    result = {"device": device, "rows": rows, "ok": all(r["ok"] for r in rows)}
-    save(result, args.out, "thread_ranks_check",
-         "Every rank's output shard against float64 attention over the whole sequence "
-         "(bf16 within 2e-2, fp32 within 1e-5)")
-    if args.flux:
-        name = "tiny random Flux" if args.flux == "tiny" else \
-            f"FLUX.1-dev transformer (real config, random bf16 weights), {args.flux.replace(',', '² and ')}²"
-        what = f"{name}: the image shards of all ranks joined, against the unsharded forward " \
-               "(bf16 within 2e-2, fp32 within 1e-4)"
-        model = lambda rows: {"device": device, "model": name, "rows": rows, "ok": all(r["ok"] for r in rows)}
-        rows = flux_rows(args.flux, args.grids, args.device,
-                         lambda rows: save(model(rows), args.out, "thread_ranks_flux", what))
-        save(model(rows), args.out, "thread_ranks_flux", what)
-        result["ok"] = result["ok"] and model(rows)["ok"]
-    return 0 if result["ok"] else 1
+                rows.append(check_case(machines, per, exchange, dtype, joint_kind, n, text, heads, dim,
+                                       device, seed=1000 * machines + 100 * per + i))
+                print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
-def save(result: dict, folder: str, name: str, what: str) -> None:
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, f"{name}.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    lines = [f"# Torus Attention, one thread per rank on one device ({result['device']})", "",
-             f"{what}. All within tolerance: {'yes' if result['ok'] else 'NO'}.", "",
+def table(device: str, what: str, rows: list[dict]) -> list[str]:
+    """The Markdown table of a run's rows."""
+    ok = all(r["ok"] for r in rows)
+    lines = [f"# Torus Attention, one thread per rank on one device ({device})", "",
+             f"{what}. All within tolerance: {'yes' if ok else 'NO'}.", "",
              "| grid (MxG) | exchange | dtype | joint text | tokens | max rel err | ok |",
              "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['grid']} | {r['exchange']} | {r['dtype']} | {r['joint']} | {r['tokens']} | "
-              f"{r['max_rel_err']:.2e} | {'yes' if r['ok'] else 'NO'} |" for r in result["rows"]]
-    with open(os.path.join(folder, f"{name}.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return lines + [f"| {r['grid']} | {r['exchange']} | {r['dtype']} | {r['joint']} | {r['tokens']} | "
+                    f"{r['max_rel_err']:.2e} | {'yes' if r['ok'] else 'NO'} |" for r in rows]
