@@ -10,7 +10,7 @@ rank's step is the job's. One row per (cluster, link, strategy):
   turn, one forward each per round, so drift falls on all alike (CUDA events; on CPU this
   rank's clock: wall time plus what it waited on modeled links);
 * compute-only ms: the same parallel model with instantaneous links (compute, layout copies,
-  host time, the emulator's own ~150-180 us per call on an H200); exposed = step - compute-only;
+  host time, the emulator's own 150-240 us per call on an H200); exposed = step - compute-only;
 * inter / intra busy ms: modeled time the busier direction of each link class was in use in
   one forward (``Cluster.transfers``);
 * floor ms: the fewest cross-machine bytes of the exact schemes we know, over the link's
