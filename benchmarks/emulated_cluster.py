@@ -48,7 +48,6 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import functools
 import gc
 import json
 import os
@@ -64,7 +63,7 @@ import torch.distributed._functional_collectives as funcol
 
 from swiftfusion_xdit import diffusers_integration as di
 from swiftfusion_xdit.emulator import INTER, INTRA, NETWORK_PRESETS, LinkModel, emulate
-from swiftfusion_xdit.mesh import plan_layout, valid_ulysses
+from swiftfusion_xdit.mesh import valid_ulysses
 from swiftfusion_xdit.planner import ModelShape, Plan, bytes_per_layer
 from swiftfusion_xdit.tiny import FLUX_DEV_TRANSFORMER, TINY_FLUX_TRANSFORMER, WAN21_14B_TRANSFORMER
 
@@ -197,11 +196,8 @@ def parallelize(model, spec: str, machines: int, gpus: int, device: torch.device
             model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=U, ring_degree=P // U))
         return f"ulysses={U} ring={P // U}"
     base, _, exchange = name.partition("-")
-    # parallelize_transformer takes no exchange: its planner call is handed one
-    force = mock.patch.object(di, "plan_layout", functools.partial(plan_layout, torus_exchange=exchange))
-    with force if exchange else contextlib.nullcontext():
-        layout = di.parallelize_transformer(model, base, ulysses=int(u) if u else None,
-                                            comm="nccl" if device.type == "cuda" else "gloo")
+    layout = di.parallelize_transformer(model, base, ulysses=int(u) if u else None, torus_exchange=exchange or "auto",
+                                        comm="nccl" if device.type == "cuda" else "gloo")
     d = layout.dims
     return f"U={d.ulysses} T={d.torus}" + (f" ({layout.torus_exchange})" if d.torus > 1 else "")
 

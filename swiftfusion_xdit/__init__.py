@@ -40,20 +40,22 @@ _kernels_from_checkout()
 
 def enable_parallel(pipe, strategy: str = "torus", *, ulysses: int | None = None,
                     torus: int | None = None, comm: str = "auto", kernel: str = "auto",
-                    head_chunks: int = 1, output_on_all_ranks: bool = False):
+                    head_chunks: int = 1, output_on_all_ranks: bool = False, torus_exchange: str = "auto"):
     """Run ``pipe`` sequence-parallel over every rank of the torchrun job.
 
     ``strategy``: "torus", "ulysses", "ring", "usp" or "auto"; ``ulysses`` /
     ``torus``: the degrees inside / across machines (left out: the topology-aware
     mesh builder picks them); ``comm``: "auto", "nccl", "nvshmem" or "gloo";
     ``head_chunks`` (one machine): the all-to-all in that many head groups, each
-    overlapping the previous group's attention.
+    overlapping the previous group's attention; ``torus_exchange`` ("auto", "a2a", "kv";
+    strategy "torus"): what crosses machines.
     Only rank 0 returns the pipeline's output unless ``output_on_all_ranks``.
     See ``diffusers_integration.enable_parallel``. Imported lazily: diffusers'
     pipelines take seconds to import."""
     from .diffusers_integration import enable_parallel as _enable
     return _enable(pipe, strategy, ulysses=ulysses, torus=torus, comm=comm, kernel=kernel,
-                   head_chunks=head_chunks, output_on_all_ranks=output_on_all_ranks)
+                   head_chunks=head_chunks, output_on_all_ranks=output_on_all_ranks,
+                   torus_exchange=torus_exchange)
 
 
 def _add_enable_parallel(module) -> None:

@@ -84,17 +84,22 @@ def _local_device(local_rank: int) -> int:
 
 
 def plan_strategy(strategy: str, num_heads: int, *, ulysses: int | None = None,
-                  torus: int | None = None, config=None, comm: str = "auto") -> TorusLayout:
-    """Map a strategy name onto the (torus, ulysses) grid; collective (gathers topology)."""
+                  torus: int | None = None, config=None, comm: str = "auto",
+                  torus_exchange: str = "auto") -> TorusLayout:
+    """Map a strategy name onto the (torus, ulysses) grid; collective (gathers topology).
+    ``torus_exchange`` ("auto", "a2a", "kv"): strategy "torus" only; the others fix it."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
+    if torus_exchange != "auto" and strategy != "torus":
+        raise ValueError(f"torus_exchange={torus_exchange!r} applies to strategy 'torus' only; "
+                         f"{strategy!r} fixes its own exchange")
     topo = detect_topology()
     sp = topo.world_size
     _refuse_fixed_degrees(strategy, sp, ulysses, torus)
     if strategy == "auto":
         return _auto_layout(topo, num_heads, config, comm)
     if strategy == "torus":
-        return plan_layout(topo, num_heads, ulysses=ulysses, torus=torus)
+        return plan_layout(topo, num_heads, ulysses=ulysses, torus=torus, torus_exchange=torus_exchange)
     # Baselines run on the same code with the classic layouts: placement not enforced.
     if strategy == "ulysses":
         return plan_layout(topo, num_heads, ulysses=sp, torus=1, check_placement=False)
@@ -130,11 +135,13 @@ def _auto_layout(topo, num_heads: int, config, comm: str = "auto") -> TorusLayou
 
 def parallelize_transformer(transformer: torch.nn.Module, strategy: str = "torus", *,
                             ulysses: int | None = None, torus: int | None = None,
-                            comm: str = "auto", kernel: str = "auto", head_chunks: int = 1) -> TorusLayout:
+                            comm: str = "auto", kernel: str = "auto", head_chunks: int = 1,
+                            torus_exchange: str = "auto") -> TorusLayout:
     """Shard a diffusers transformer's sequence over all ranks; attention runs Torus Attention.
 
     ``head_chunks`` > 1 (one machine): the all-to-all runs in that many head groups, each
-    overlapping the previous group's attention (see ``torus_attention``)."""
+    overlapping the previous group's attention (see ``torus_attention``). ``torus_exchange``
+    ("auto", "a2a" or "kv"; strategy "torus" only): what crosses machines, see ``mesh``."""
     if comm not in COMMS:
         raise ValueError(f"unknown comm {comm!r}; choose one of {COMMS}")
     if getattr(transformer, "_parallel_config", None) is not None:
@@ -148,7 +155,7 @@ def parallelize_transformer(transformer: torch.nn.Module, strategy: str = "torus
     _refuse_broken_plan(transformer)
     device = ensure_distributed()
     layout = plan_strategy(strategy, transformer.config.num_attention_heads, ulysses=ulysses,
-                           torus=torus, config=transformer.config, comm=comm)
+                           torus=torus, config=transformer.config, comm=comm, torus_exchange=torus_exchange)
     check_head_chunks(head_chunks, transformer.config.num_attention_heads, layout.dims.ulysses,
                       layout.dims.torus)
     if dist.get_rank() == 0:
@@ -319,7 +326,8 @@ def _key_padding(attn_mask, batch: int, keys: int):
 
 def enable_parallel(pipe, strategy: str = "torus", *, ulysses: int | None = None,
                     torus: int | None = None, comm: str = "auto", kernel: str = "auto",
-                    head_chunks: int = 1, output_on_all_ranks: bool = False):
+                    head_chunks: int = 1, output_on_all_ranks: bool = False,
+                    torus_exchange: str = "auto"):
     """Run ``pipe`` sequence-parallel over every rank of the torchrun job.
 
     Places the pipeline on this rank's device, shards the transformer's
@@ -330,8 +338,9 @@ def enable_parallel(pipe, strategy: str = "torus", *, ulysses: int | None = None
     device = ensure_distributed()
     pipe.to(device)
     # Wan 2.2 denoises with transformer_2 in its low-noise steps: shard every one.
-    layouts = [parallelize_transformer(t, strategy, ulysses=ulysses, torus=torus, comm=comm,
-                                       kernel=kernel, head_chunks=head_chunks) for t in transformers]
+    layouts = [parallelize_transformer(t, strategy, ulysses=ulysses, torus=torus, comm=comm, kernel=kernel,
+                                       head_chunks=head_chunks, torus_exchange=torus_exchange)
+               for t in transformers]
     pipe.parallel_layout = layouts[0]
     if not output_on_all_ranks and dist.get_rank() != 0:
         cls = type(pipe)

@@ -71,6 +71,20 @@ def test_torus_and_usp_match_on_two_emulated_machines():
     run_ranks(_check_strategies, 2, 2, ("torus", "usp", "auto"), 5)
 
 
+def _check_each_exchange(rank, world, seed):
+    from swiftfusion_xdit.tiny import tiny_flux_pipeline
+    reference = _latents(tiny_flux_pipeline(seed), seed)
+    for exchange in ("a2a", "kv"):
+        pipe = tiny_flux_pipeline(seed).enable_parallel("torus", torus_exchange=exchange, output_on_all_ranks=True)
+        assert pipe.parallel_layout.torus_exchange == exchange
+        err = rel_err(_latents(pipe, seed), reference)
+        assert err < 1e-4, f"torus_exchange={exchange}: rel err {err:.2e}"
+
+
+def test_the_torus_exchange_can_be_chosen_and_each_matches_single_process():
+    run_ranks(_check_each_exchange, 2, 2, 9)
+
+
 def _check_errors(rank, world):
     from diffusers import SD3Transformer2DModel
     from swiftfusion_xdit import LayoutError, enable_parallel
@@ -97,6 +111,8 @@ def _check_errors(rank, world):
         enable_parallel(tiny_flux_pipeline(), "torus", head_chunks=3)
     with pytest.raises(ValueError, match="with a torus degree of 4 the torus steps overlap already"):
         enable_parallel(tiny_flux_pipeline(), "ring", head_chunks=2)
+    with pytest.raises(ValueError, match="torus_exchange='a2a' applies to strategy 'torus' only"):
+        enable_parallel(tiny_flux_pipeline(), "usp", torus_exchange="a2a")
     with pytest.raises(ValueError, match="unknown comm 'infiniband'"):
         enable_parallel(tiny_flux_pipeline(), "torus", comm="infiniband")
     pipe = enable_parallel(tiny_flux_pipeline(), "torus")
