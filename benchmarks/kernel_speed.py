@@ -180,15 +180,18 @@ def merge_speed(fused: bool, rows: int, heads: int = 6, dim: int = 128) -> dict:
             "host_us": sorted(host)[len(host) // 2]}
 
 
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
 def markdown(result: dict) -> str:
     lines = [f"# One-sided put and LSE merge speed, one {result['device']}"]
     if "copy_speed" in result:
         lines += ["", "All P virtual ranks' puts share one GPU here: HBM copy speed plus P launches "
-                  "per all-to-all, not NVLink.", "",
-                  "| P | tokens | CTAs per peer | all P puts, ms | GB/s (read+write) | pack+unpack copies, ms |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {c['P']} | {c['tokens']} | {c['ctas_per_peer']} | {c['kernel_ms']:.3f} | "
-                  f"{c['kernel_GBps']:.0f} | {c['pack_unpack_ms']:.3f} |" for c in result["copy_speed"]]
+                  "per all-to-all, not NVLink.", ""]
+        lines += _table(["P", "tokens", "CTAs per peer", "all P puts, ms", "GB/s (read+write)", "pack+unpack copies, ms"],
+                        [[f"{c['P']}", f"{c['tokens']}", f"{c['ctas_per_peer']}", f"{c['kernel_ms']:.3f}",
+                          f"{c['kernel_GBps']:.0f}", f"{c['pack_unpack_ms']:.3f}"] for c in result["copy_speed"]])
     if "host_costs" in result:
         h = result["host_costs"]
         lines += ["", f"Host time per call: put {h['put_us']:.1f} us "
@@ -197,17 +200,16 @@ def markdown(result: dict) -> str:
                   f"{h['torch_add_us']:.1f} us."]
     if "fused_wait_bound" in result:
         lines += ["", "What fusing the flag wait into the attention kernel could save at most: the "
-                  "separate (satisfied) one-CTA wait before a block's cuDNN attention, back to back.", "",
-                  "| tokens | GPUs | attention of one block, ms | with the wait, ms | wait, us | share |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {r['tokens']} | {r['gpus']} | {r['attention_ms']:.3f} | {r['with_wait_ms']:.3f} "
-                  f"| {r['wait_us']:.1f} | {100 * r['share']:.1f}% |" for r in result["fused_wait_bound"]]
+                  "separate (satisfied) one-CTA wait before a block's cuDNN attention, back to back.", ""]
+        lines += _table(["tokens", "GPUs", "attention of one block, ms", "with the wait, ms", "wait, us", "share"],
+                        [[f"{r['tokens']}", f"{r['gpus']}", f"{r['attention_ms']:.3f}", f"{r['with_wait_ms']:.3f}",
+                          f"{r['wait_us']:.1f}", f"{100 * r['share']:.1f}%"] for r in result["fused_wait_bound"]])
     if "merge" in result:
         lines += ["", "LSE merge, one Triton launch vs PyTorch ops. GPU us: CUDA-event time per merge "
                   "over 20 back-to-back merges (a launch-bound merge shows the host's issue rate here); "
-                  "host us: time to issue one merge.", "",
-                  "| rows (6 heads, dim 128) | form | GPU us | host us |", "|---|---|---|---|"]
-        lines += [f"| {t['rows']} | {t['form']} | {t['gpu_us']:.1f} | {t['host_us']:.1f} |" for t in result["merge"]]
+                  "host us: time to issue one merge.", ""]
+        lines += _table(["rows (6 heads, dim 128)", "form", "GPU us", "host us"],
+                        [[f"{t['rows']}", t["form"], f"{t['gpu_us']:.1f}", f"{t['host_us']:.1f}"] for t in result["merge"]])
     return "\n".join(lines) + "\n"
 
 

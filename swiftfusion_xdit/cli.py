@@ -280,9 +280,10 @@ def _check_flux_split(pipe, height: int, width: int, text_tokens: int, world: in
         return
     image_tokens = (height // (2 * pipe.vae_scale_factor)) * (width // (2 * pipe.vae_scale_factor))
     if image_tokens % world or text_tokens % world:
-        fits = [n for n in range(2, 65) if image_tokens % n == 0 and text_tokens % n == 0]
+        from .diffusers_integration import rank_counts_that_split
         raise ValueError(f"{world} ranks cannot share {image_tokens} image and {text_tokens} text tokens "
-                         f"equally at {width}x{height}; --ranks that can: {fits or 'none up to 64'}")
+                         f"equally at {width}x{height}; --ranks that can: "
+                         f"{rank_counts_that_split((image_tokens, text_tokens))}")
 
 
 def _fail(rank: int, err: Exception | str):

@@ -188,37 +188,45 @@ def _refuse_unsplittable_inputs(transformer: torch.nn.Module, plan: dict, sp: in
     assertion deep in its sharder. Say instead which input cannot be split and which rank
     counts could split them all."""
     for module_name, entries in plan.items():
-        if isinstance(entries, dict):
-            modules = _find_submodule_by_name(transformer, module_name)  # diffusers' "*" rule
-            # one module per pattern: the blocks of a "blocks.*" see the same lengths
-            module = modules[0] if isinstance(modules, list) else modules
-            module.register_forward_pre_hook(functools.partial(_check_split, entries, sp), with_kwargs=True)
+        if not isinstance(entries, dict):
+            continue
+        modules = _find_submodule_by_name(transformer, module_name)  # diffusers' "*" rule
+        # one module per pattern: the blocks of a "blocks.*" see the same lengths
+        module = modules[0] if isinstance(modules, list) else modules
+        split = _split_inputs(module, entries)
+        if split:
+            module.register_forward_pre_hook(functools.partial(_check_split, split, sp), with_kwargs=True)
 
 
-def _check_split(entries: dict, sp: int, module, args, kwargs) -> None:
-    lengths = dict(_split_lengths(module, entries, args, kwargs))
-    unsplittable = [str(name) for name, n in lengths.items() if n % sp]
+def _split_inputs(module: torch.nn.Module, entries: dict) -> list:
+    """(name, position in ``forward``'s arguments or None, spec) of each input diffusers
+    splits (not an output split); worked out once, so each forward only reads shapes."""
+    names = list(inspect.signature(module.forward).parameters)
+    return [(key, key if isinstance(key, int) else (names.index(key) if key in names else None), spec)
+            for key, spec in entries.items()
+            if isinstance(spec, ContextParallelInput) and not spec.split_output]
+
+
+def _check_split(split: list, sp: int, module, args, kwargs) -> None:
+    lengths = {}
+    for name, position, spec in split:  # diffusers' rule: a tensor of the expected rank
+        value = kwargs.get(name) if isinstance(name, str) else None
+        if value is None and position is not None and position < len(args):
+            value = args[position]
+        if isinstance(value, torch.Tensor) and spec.expected_dims in (None, value.dim()):
+            lengths[str(name)] = value.shape[spec.split_dim]
+    unsplittable = [name for name, n in lengths.items() if n % sp]
     if unsplittable:
         sizes = sorted(set(lengths.values()))
-        fits = [p for p in range(2, 65) if all(n % p == 0 for n in sizes)]
         raise SequenceSplitError(
             f"{type(module).__name__}: {', '.join(unsplittable)} cannot be split evenly over {sp} "
             f"ranks; rank counts that split every sequence ({' and '.join(map(str, sizes))} "
-            f"tokens): {fits or 'none up to 64'}")
+            f"tokens): {rank_counts_that_split(sizes)}")
 
 
-def _split_lengths(module, entries: dict, args: tuple, kwargs: dict):
-    """(input name, length along its split dim) of each input diffusers will split: the
-    same rule as its hook (a tensor of the expected rank, not an output split)."""
-    for key, spec in entries.items():
-        if not isinstance(spec, ContextParallelInput) or spec.split_output:
-            continue
-        value = args[key] if isinstance(key, int) and key < len(args) else kwargs.get(key)
-        if value is None and isinstance(key, str):
-            names = list(inspect.signature(module.forward).parameters)
-            value = args[names.index(key)] if key in names and names.index(key) < len(args) else None
-        if isinstance(value, torch.Tensor) and spec.expected_dims in (None, value.dim()):
-            yield key, value.shape[spec.split_dim]
+def rank_counts_that_split(lengths) -> list[int] | str:
+    """The rank counts (2 to 64) that divide every one of ``lengths``, for error messages."""
+    return [p for p in range(2, 65) if all(n % p == 0 for n in lengths)] or "none up to 64"
 
 
 class SequenceSplitError(ValueError):

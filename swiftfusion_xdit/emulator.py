@@ -194,7 +194,8 @@ class Cluster:
     def topology(self) -> Topology:
         """What ``detect_topology`` would see on the real cluster (it cannot here: its
         gather of machine names returns this rank's name from every rank)."""
-        return Topology.uniform(self.world_size // self.ranks_per_machine, self.ranks_per_machine)
+        return Topology.uniform(self.world_size // self.ranks_per_machine, self.ranks_per_machine,
+                                _emulated_link())
 
     def book(self, op: str, legs: list[Leg]) -> list[Transfer]:
         """Queue the legs on their streams, first in first out: the call starts when the
@@ -251,6 +252,11 @@ class EmulatedWork(dist.Work):
         return future
 
 
+def _emulated_link() -> str:
+    """What a machine's GPUs are taken to be joined by (the measured table is NVLink's)."""
+    return "nvlink" if torch.cuda.is_available() else "cpu"
+
+
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -296,8 +302,8 @@ class EmulatedProcessGroup(dist.ProcessGroup):
         its gather of machine names would only see this rank's (the fill rule)."""
         machines = [self.cluster.machine_of(r) for r in self.global_ranks]
         order = list(dict.fromkeys(machines))
-        link = "nvlink" if torch.cuda.is_available() else "cpu"
-        return Topology(tuple(order.index(m) for m in machines), tuple(f"node{m}" for m in order), link)
+        return Topology(tuple(order.index(m) for m in machines), tuple(f"node{m}" for m in order),
+                        _emulated_link())
 
     def __repr__(self) -> str:
         return f"EmulatedProcessGroup(ranks={self.global_ranks}, rank={self.rank()})"

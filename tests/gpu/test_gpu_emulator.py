@@ -98,9 +98,10 @@ def test_modeled_time_is_what_the_caller_waits(cluster, record):
         issue.append((time.perf_counter() - start) * 1e6)
     torch.cuda.synchronize()
     host_us = sorted(issue)[len(issue) // 2]
-    record("emulator_cuda", {"host_us_per_call": host_us,
+    record("emulator_cuda", {"device": torch.cuda.get_device_name(), "host_us_per_call": host_us,
                              **{name: {"measured_us": m, "modeled_us": p} for name, (m, p) in rows.items()}},
-           ["| case | measured us (GPU) | modeled us |", "|---|---|---|"]
+           [f"# The emulator's links on CUDA, {torch.cuda.get_device_name()}", "",
+            "| case | measured us (GPU) | modeled us |", "|---|---|---|"]
            + [f"| {name} | {m:.1f} | {p:.1f} |" for name, (m, p) in rows.items()]
            + ["", f"Host time to issue one emulated all-to-all: {host_us:.0f} us (median of 20).",
               f"One call ({modeled_one:.0f} us modeled) beside 20 matmuls ({matmul_us:.0f} us alone): "
