@@ -47,7 +47,7 @@ def enable_parallel(pipe, strategy: str = "torus", *, ulysses: int | None = None
     ``torus``: the degrees inside / across machines (left out: the topology-aware
     mesh builder picks them); ``comm``: "auto", "nccl", "nvshmem" or "gloo";
     ``head_chunks`` (one machine): the all-to-all in that many head groups, each
-    overlapping the previous group's attention; ``torus_exchange`` ("auto", "a2a", "kv";
+    overlapping the previous group's attention; ``torus_exchange`` ("auto", "a2a", "a2a-kv", "kv";
     strategy "torus"): what crosses machines.
     Only rank 0 returns the pipeline's output unless ``output_on_all_ranks``.
     See ``diffusers_integration.enable_parallel``. Imported lazily: diffusers'

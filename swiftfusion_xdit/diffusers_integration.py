@@ -87,7 +87,7 @@ def plan_strategy(strategy: str, num_heads: int, *, ulysses: int | None = None,
                   torus: int | None = None, config=None, comm: str = "auto",
                   torus_exchange: str = "auto") -> TorusLayout:
     """Map a strategy name onto the (torus, ulysses) grid; collective (gathers topology).
-    ``torus_exchange`` ("auto", "a2a", "kv"): strategy "torus" only; the others fix it."""
+    ``torus_exchange`` ("auto", "a2a", "a2a-kv", "kv"): strategy "torus" only; the others fix it."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
     if torus_exchange != "auto" and strategy != "torus":
@@ -141,7 +141,7 @@ def parallelize_transformer(transformer: torch.nn.Module, strategy: str = "torus
 
     ``head_chunks`` > 1 (one machine): the all-to-all runs in that many head groups, each
     overlapping the previous group's attention (see ``torus_attention``). ``torus_exchange``
-    ("auto", "a2a" or "kv"; strategy "torus" only): what crosses machines, see ``mesh``."""
+    ("auto", "a2a", "a2a-kv" or "kv"; strategy "torus" only): what crosses machines, see ``mesh``."""
     if comm not in COMMS:
         raise ValueError(f"unknown comm {comm!r}; choose one of {COMMS}")
     if getattr(transformer, "_parallel_config", None) is not None:

@@ -16,10 +16,12 @@ parallel, CFG parallel: one exchange per step or none) take the slow
 inter-machine links first, and the torus (sequence ring across machines)
 takes whatever machines are left.
 
-The torus exchange runs in one of two modes (see ``torus_attention``):
+The torus exchange runs in one of three modes (see ``torus_attention``):
 ``"a2a"`` -- a second all-to-all across machines, decomposed into peer
-steps -- needs ``heads % (ulysses * torus) == 0``; otherwise ``"kv"`` -- each
-rank gathers the other machines' K/V, step by step -- works for any head count.
+steps -- needs ``heads % (ulysses * torus) == 0``; ``"a2a-kv"`` -- the same
+bytes across machines, the heads split by machine and the keys shared inside
+one -- needs ``heads % torus == 0``; ``"kv"`` -- each rank gathers the other
+machines' K/V, step by step -- works for any head count.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from .topology import Topology
-from .torus_attention import choose_exchange
+from .torus_attention import EXCHANGES, choose_exchange
 
 DIM_NAMES = ("dp", "cfg", "torus", "ulysses")
 
@@ -66,7 +68,7 @@ class TorusLayout:
     dims: ParallelDims
     topology: Topology
     num_heads: int
-    torus_exchange: str  # "a2a" or "kv"
+    torus_exchange: str  # "a2a", "a2a-kv" or "kv"
     notes: tuple[str, ...] = field(default=())
 
     def rank_grid(self) -> torch.Tensor:
@@ -112,8 +114,9 @@ def plan_layout(topology: Topology, num_heads: int | None, *, ulysses: int | Non
                           f"{world}; choose cfg x dp among {_divisors(world)}")
     sp = world // (cfg * dp)
 
-    if torus_exchange not in ("auto", "a2a", "kv"):
-        raise LayoutError(f"unknown torus exchange {torus_exchange!r}; use 'auto', 'a2a' or 'kv'")
+    if torus_exchange not in ("auto", *EXCHANGES):
+        raise LayoutError(f"unknown torus exchange {torus_exchange!r}; use 'auto', "
+                          f"{', '.join(repr(e) for e in EXCHANGES)}")
     fitting = valid_ulysses(sp, per_node, num_heads, check_placement)
 
     if ulysses is None and torus is None:  # picked inside a machine even when placement is not enforced
@@ -179,19 +182,27 @@ def _torus_exchange(num_heads: int | None, dims: ParallelDims, requested: str,
                     notes: list[str]) -> str:
     if num_heads is None:
         return requested  # "auto": decided per call from the heads it sees
-    fits_a2a = num_heads % dims.sp == 0
+    fits_a2a, T = num_heads % dims.sp == 0, dims.torus
     if requested == "auto":
-        choice = choose_exchange(num_heads, dims.ulysses, dims.torus)
-        if dims.torus > 1 and not fits_a2a:
-            notes.append(f"torus exchange 'kv': {num_heads} heads do not split over "
-                         f"ulysses x torus = {dims.sp}, so K/V travel instead of heads")
-        elif dims.torus == 2:
+        choice = choose_exchange(num_heads, dims.ulysses, T)
+        if T == 2:
             notes.append("torus exchange 'kv': with a torus of 2 it moves the same bytes as "
                          "'a2a' and has no output return to wait for")
+        elif T > 1 and choice == "kv" and num_heads % T == 0:
+            notes.append(f"torus exchange 'kv': {num_heads} heads do not split over ulysses x torus = "
+                         f"{dims.sp}; 'a2a-kv' (heads split by machine) moves {2 * (T - 1) / (4 * (T - 1) / T):g}x "
+                         f"fewer bytes across machines: pass it on links slower than about 25 GB/s per GPU")
+        elif T > 1 and choice == "kv":
+            notes.append(f"torus exchange 'kv': {num_heads} heads split neither over ulysses x "
+                         f"torus = {dims.sp} nor over the {T} machines, so K/V travel instead of heads")
         return choice
     if requested == "a2a" and not fits_a2a:
+        fallback = "'a2a-kv', 'kv'" if num_heads % T == 0 else "'kv'"
         raise LayoutError(f"torus exchange 'a2a' needs heads divisible by ulysses x torus = "
-                          f"{dims.sp}, but there are {num_heads} heads; use 'kv' or 'auto'")
+                          f"{dims.sp}, but there are {num_heads} heads; use {fallback} or 'auto'")
+    if requested == "a2a-kv" and num_heads % T:
+        raise LayoutError(f"torus exchange 'a2a-kv' needs heads divisible by the torus degree {T}, "
+                          f"but there are {num_heads} heads; use 'kv' or 'auto'")
     return requested
 
 

@@ -8,6 +8,8 @@ and X = (S/P) * H * D * b bytes of one of Q, K, V or O. What each GPU sends:
   torus a2a (U x T)       4X (U-1)/U            4X (T-1)/T in T-1 peer steps
   torus kv  (U x T)       4X (U-1)/U            2X (T-1) in T-1 peer steps
                                                 (T = 2: one all-gather)
+  torus a2a-kv (U x T)    2X (U-1), K/V         4X (T-1)/T in T-1 peer steps
+                          all-gathers
   PipeFusion (N stages)   activations S*h*b per stage boundary (approximate output)
 
 Time per layer = GEMM + attention compute (split P ways) + the Ulysses
@@ -142,7 +144,7 @@ class Plan:
     strategy: str  # "usp", "torus", "pipefusion"
     ulysses: int = 1
     across: int = 1  # ring degree (usp), torus degree, or pipeline stages
-    exchange: str = ""  # torus: "a2a" or "kv"
+    exchange: str = ""  # torus: "a2a", "a2a-kv" or "kv"
 
     def describe(self) -> str:
         if self.strategy == "usp":
@@ -185,6 +187,8 @@ def bytes_per_layer(plan: Plan, shape: ModelShape) -> tuple[float, float]:
     ulysses = 4 * x * (U - 1) / U
     if plan.strategy == "usp":
         return ulysses, 2 * x * (A - 1)
+    if plan.strategy == "torus" and plan.exchange == "a2a-kv":  # no all-to-all: K/V gathered inside
+        return 2 * x * (U - 1), 4 * x * (A - 1) / A
     if plan.strategy == "torus":
         return ulysses, 4 * x * (A - 1) / A if plan.exchange == "a2a" else 2 * x * (A - 1)
     if plan.strategy == "pipefusion":
@@ -212,7 +216,9 @@ def predict(plan: Plan, shape: ModelShape, hw: Hardware, gpus_per_node: int,
                           exact=False, why=["stale activations between steps: output is approximate"])
     ulysses_local = gpus_per_node % plan.ulysses == 0  # ranks go machine by machine (mesh.py)
     a2a_GBps, a2a_lat = hw.intra_GBps, lat
-    if plan.strategy == "torus" and plan.ulysses > 1 and ulysses_local and hw.onesided_GBps:
+    if plan.exchange == "a2a-kv":  # T K/V all-gathers over NCCL, counted as not hidden (an upper bound)
+        a2a_lat = plan.across * lat / 2
+    elif plan.strategy == "torus" and plan.ulysses > 1 and ulysses_local and hw.onesided_GBps:
         a2a_GBps, a2a_lat = hw.onesided_GBps, hw.onesided_latency_us / 1e3
         why.append("all-to-all over NVSHMEM (one-sided)")
     intra = ms(intra_b, a2a_GBps if ulysses_local else hw.inter_GBps)
@@ -250,12 +256,14 @@ def candidate_plans(shape: ModelShape, nodes: int, gpus_per_node: int) -> list[P
     for u in (d for d in range(1, gpus_per_node + 1) if gpus_per_node % d == 0):
         t = world // u
         if shape.heads % u == 0:
-            # both schedules where the heads allow a2a: it moves fewer bytes from T = 3 on,
+            # every schedule the heads allow: a2a and a2a-kv move fewer bytes from T = 3 on,
             # but kv needs no output return and computes fewer, larger blocks, which wins on
             # a fast link (and choose_exchange's byte rule cannot see that)
             exchanges = {choose_exchange(shape.heads, u, t)}
             if t > 1 and shape.heads % (u * t) == 0:
                 exchanges |= {"kv", "a2a"}
+            if t > 1 and u > 1 and shape.heads % t == 0:  # u == 1: a2a-kv is a2a
+                exchanges |= {"kv", "a2a-kv"}
             plans += [Plan("torus", u, t, e) for e in sorted(exchanges)]
     if world <= shape.layers:  # a stage needs at least one layer
         plans.append(Plan("pipefusion", 1, world))

@@ -31,6 +31,14 @@ With ``exchange="kv"`` (any head count) step 2 instead gathers the other
 machines' K,V (no Q, no output exchange): more bytes, no head constraint.
 T == 1 is plain Ulysses; U == 1 is a pure torus.
 
+With ``exchange="a2a-kv"`` (heads divisible by T only: FLUX's 24 and Wan's 40
+heads on 4 or 8 machines of 8 GPUs) machine t takes head group t for the whole
+sequence and there is no Ulysses all-to-all: each rank sends its own shard's
+queries to every machine in one all-to-all, then its K,V in T-1 peer steps; the
+ranks of a machine all-gather each step's K,V over NVLink, so each attends its
+machine's heads with the queries of its own column of shards against all keys
+(``_torus_a2a_kv``). Across machines it moves what ``a2a`` moves.
+
 On one machine (T == 1) step 1 blocks: nothing else is left to compute while
 it runs. ``head_chunks=G`` splits it by head groups so it can overlap too
 (two-sided transports; the others run the chunks one after another)::
@@ -70,12 +78,18 @@ Bytes one GPU sends per attention layer, X = (S/(T*U)) * H * D * bytes
   USP (U x ring T)    4X (U-1)/U           2X (T-1), relayed ring steps
   torus a2a (U x T)   4X (U-1)/U           4X (T-1)/T, direct peer steps
   torus kv  (U x T)   4X (U-1)/U           2X (T-1), direct peer steps
+  torus a2a-kv        2X (U-1), K/V        4X (T-1)/T: Q in one all-to-all,
+    (U x T)           all-gathers          K/V in peer steps, O back in steps
+
+Compute: every exchange gives each rank (S/P) x H queries' worth of attention
+against all S keys; a2a-kv in more, smaller blocks (8 instead of 4 per layer at
+T = 4), which cost 3-12% more on the emulated clusters.
 
 torus a2a moves across machines exactly what a flat Ulysses all-to-all
 would; its gain over it is that the T-1 peer steps overlap with attention
 instead of blocking. At T=2 torus a2a, torus kv and USP move the same
 bytes, and ``auto`` takes kv (no output return after the last block); at
-T=4 a2a moves half of what kv/USP move, at T=8 a quarter.
+T=4 a2a and a2a-kv move half of what kv/USP move, at T=8 a quarter.
 """
 
 from __future__ import annotations
@@ -87,7 +101,7 @@ import torch.distributed as dist
 from torch.profiler import record_function
 
 from .block_attention import Kernel, attend_kept, merge_into, pick_final_kernel, pick_kernel
-from .transport import Transport, TransportPair, _Done, default_transport, join_chunks, split_chunks
+from .transport import Pending, Transport, TransportPair, _Done, default_transport, join_chunks, split_chunks
 
 
 @dataclass
@@ -147,13 +161,15 @@ def torus_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: S
     check_head_chunks(groups.head_chunks, H, U, T)
     attend = pick_kernel(q, kernel)
 
-    u = dist.get_rank(groups.ulysses) if U > 1 else 0
-    joint = _head_slice(joint, u * (H // U), H // U)
     masks = None
     if key_mask is not None or (joint is not None and joint.key_mask is not None):
         masks = _KeyMasks.gather(key_mask, q, joint, groups)
         masks = None if masks.keeps_every_key else masks  # e.g. one prompt: nothing padded
+    if exchange == "a2a-kv" and T > 1:
+        return _torus_a2a_kv((q, k, v), joint, groups, pair, attend, scale, masks)
 
+    u = dist.get_rank(groups.ulysses) if U > 1 else 0
+    joint = _head_slice(joint, u * (H // U), H // U)
     if T == 1 and U > 1 and groups.head_chunks > 1:
         out, joint_out = _ulysses_in_head_chunks((q, k, v), joint, groups.ulysses, pair.ulysses,
                                                  pick_final_kernel(q, kernel), scale, masks,
@@ -175,12 +191,19 @@ def torus_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: S
     return out, _all_gather(joint_out, 1, groups.ulysses, pair.ulysses)
 
 
+EXCHANGES = ("a2a", "kv", "a2a-kv")
+
+
 def choose_exchange(heads: int, ulysses: int, torus: int) -> str:
-    """``a2a`` where it moves fewer bytes (T > 2) and the heads split; else ``kv``.
+    """``a2a`` where it moves fewer bytes (T > 2) and the heads split over U x T; else ``kv``.
 
     At T == 2 both move 2X per GPU, but ``kv`` sends it all in one step under
     the local block and has no output return after the last block, so it
     finishes sooner (measured on an emulated 2-machine link: see docs/design.md, decision log).
+    ``a2a-kv`` is never chosen here, without the link's speed: it moves half of kv's bytes
+    at T = 4 but computes 3-12% more, so it won 1.34-1.43x on emulated 12.5 GB/s links and
+    lost (0.83-0.92x) on 50 GB/s ones (docs/design.md); the planner, which knows the link,
+    picks it where it wins.
     """
     return "a2a" if torus > 2 and heads % (ulysses * torus) == 0 else "kv"
 
@@ -206,8 +229,11 @@ def _check_heads(H: int, U: int, T: int, exchange: str) -> None:
     if exchange == "a2a" and T > 1 and H % (U * T):
         raise ValueError(f"torus exchange 'a2a' needs {H} heads divisible by ulysses x torus = "
                          f"{U * T}; use exchange 'kv'")
-    if exchange not in ("a2a", "kv"):
-        raise ValueError(f"unknown torus exchange {exchange!r}; use 'a2a' or 'kv'")
+    if exchange == "a2a-kv" and H % T:
+        raise ValueError(f"torus exchange 'a2a-kv' needs {H} heads divisible by the torus degree "
+                         f"{T}; use exchange 'kv'")
+    if exchange not in EXCHANGES:
+        raise ValueError(f"unknown torus exchange {exchange!r}; use one of {', '.join(EXCHANGES)}")
 
 
 def check_head_chunks(chunks: int, H: int | None, U: int, T: int) -> None:
@@ -503,22 +529,24 @@ class _SlotBuffers:
     """Q/K/V of all machines' chunks for our head sub-group, in arrival order.
 
     Layout along the sequence: [joint | slot 0 | slot 1 | ...]; slot a holds
-    the chunk of torus rank t-a, so "slots 0..a" is one contiguous view.
+    the chunk of torus rank t-a, so "slots 0..a" is one contiguous view. A slot
+    holds ``q_rows`` queries and ``kv_rows`` keys (``a2a``: both the machine's
+    block; ``a2a-kv``: our rank's shard of it, and the whole machine's keys).
     """
 
-    def __init__(self, own, joint: Joint | None, T: int, t: int, masks: _KeyMasks | None):
-        B, h, c, D = own[0].shape  # own: our chunk's Q, K, V (any sequence of three)
-        self.c = c
+    def __init__(self, like: torch.Tensor, joint: Joint | None, T: int, t: int,
+                 masks: _KeyMasks | None, q_rows: int, kv_rows: int):
+        B, h, _, D = like.shape  # like: our chunk's Q (batch, head sub-group, dtype, device)
+        self.cq, self.ck = q_rows, kv_rows
         self.nq = 0 if joint is None or joint.q is None else joint.q.shape[2]
         self.nk = 0 if joint is None else joint.k.shape[2]
-        new = lambda n: own[0].new_empty(B, h, n + T * c, D)
-        self.q, self.k, self.v = new(self.nq), new(self.nk), new(self.nk)
+        self.q = like.new_empty(B, h, self.nq + T * q_rows, D)
+        self.k, self.v = (like.new_empty(B, h, self.nk + T * kv_rows, D) for _ in range(2))
         if self.nq:
             self.q[:, :, : self.nq] = joint.q
         if self.nk:
             self.k[:, :, : self.nk] = joint.k
             self.v[:, :, : self.nk] = joint.v
-        self.fill(0, own)
         self.out, self.lse = _accumulators(self.q)
         self.keep = None  # key padding, laid out like the keys
         if masks is not None:
@@ -526,23 +554,42 @@ class _SlotBuffers:
             self.keep = torch.cat(([masks.joint] if self.nk else []) + chunks, dim=1)
 
     def fill(self, slot: int, qkv) -> None:
-        for buf, n, x in ((self.q, self.nq, qkv[0]), (self.k, self.nk, qkv[1]),
-                          (self.v, self.nk, qkv[2])):
-            buf[:, :, n + slot * self.c: n + (slot + 1) * self.c] = x
+        self.q[:, :, self.q_slots(slot, slot + 1)] = qkv[0]
+        self.fill_kv(slot, qkv[1], qkv[2])
+
+    def fill_kv(self, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        rows = self.k_slots(slot, slot + 1)
+        self.k[:, :, rows] = k
+        self.v[:, :, rows] = v
+
+    def fill_gathered_kv(self, slot: int, gathered: torch.Tensor) -> None:
+        """``gathered`` (U, 2, B, h, c, D): K/V of each rank of a machine, laid into the slot
+        in rank order by one copy each (joining them first copied twice)."""
+        rows = self.k_slots(slot, slot + 1)
+        for i, buf in enumerate((self.k, self.v)):
+            buf[:, :, rows].unflatten(2, (gathered.shape[0], -1)).copy_(gathered[:, i].permute(1, 2, 0, 3, 4))
 
     # Rows along the sequence: "slots" = slots first..end-1; "through" = the joint
     # rows and slots 0..end-1.
     def q_slots(self, first: int, end: int) -> slice:
-        return slice(self.nq + first * self.c, self.nq + end * self.c)
+        return slice(self.nq + first * self.cq, self.nq + end * self.cq)
 
     def k_slots(self, first: int, end: int) -> slice:
-        return slice(self.nk + first * self.c, self.nk + end * self.c)
+        return slice(self.nk + first * self.ck, self.nk + end * self.ck)
 
     def q_through(self, end: int) -> slice:
-        return slice(0, self.nq + end * self.c)
+        return slice(0, self.nq + end * self.cq)
 
     def k_through(self, end: int) -> slice:
-        return slice(0, self.nk + end * self.c)
+        return slice(0, self.nk + end * self.ck)
+
+    def attend(self, attend: Kernel, scale: float, q_rows: slice, k_rows: slice) -> None:
+        """Merge the block (queries ``q_rows``, keys ``k_rows``) into the accumulators."""
+        if q_rows.stop == q_rows.start or k_rows.stop == k_rows.start:  # no joint queries/keys
+            return
+        _attend_into(attend, scale, self.q[:, :, q_rows], self.k[:, :, k_rows], self.v[:, :, k_rows],
+                     self.out[:, :, q_rows], self.lse[:, :, q_rows],
+                     None if self.keep is None else self.keep[:, k_rows])
 
 
 def _torus_a2a(qkv, joint: Joint | None, group, transport: Transport, attend: Kernel, scale,
@@ -552,17 +599,11 @@ def _torus_a2a(qkv, joint: Joint | None, group, transport: Transport, attend: Ke
     B, h, c, D = qkv[0].shape
     by_dest = [x.unflatten(1, (T, h // T)) for x in qkv]  # head sub-group p belongs to torus rank p
     outgoing = lambda dst: torch.stack([x[:, dst] for x in by_dest])  # a send buffer for one peer
-    # our own sub-group is copied straight into slot 0, no send buffer needed
-    slots = _SlotBuffers([x[:, t] for x in by_dest], _head_slice(joint, t * (h // T), h // T), T, t,
-                         masks)
+    own = [x[:, t] for x in by_dest]  # our own sub-group goes straight into slot 0: no send buffer
+    slots = _SlotBuffers(own[0], _head_slice(joint, t * (h // T), h // T), T, t, masks, c, c)
+    slots.fill(0, own)
     last = T - 1
-
-    def block(q_rows: slice, k_rows: slice) -> None:
-        if q_rows.stop == q_rows.start:  # no joint queries
-            return
-        _attend_into(attend, scale, slots.q[:, :, q_rows], slots.k[:, :, k_rows],
-                     slots.v[:, :, k_rows], slots.out[:, :, q_rows], slots.lse[:, :, q_rows],
-                     None if slots.keep is None else slots.keep[:, k_rows])
+    block = lambda q_rows, k_rows: slots.attend(attend, scale, q_rows, k_rows)
 
     pending = _post(transport, outgoing((t + 1) % T), (t + 1) % T, (t - 1) % T, group)
     returns = {}
@@ -601,3 +642,116 @@ def _send_output(slots: _SlotBuffers, slot: int, t: int, T: int, group, transpor
     rows = slots.q_slots(slot, slot + 1)
     final = slots.out[:, :, rows].to(slots.q.dtype)
     return _post(transport, final, (t - slot) % T, (t + slot) % T, group)
+
+
+# --- a2a-kv: heads split across machines, keys shared inside a machine ----------------------
+
+def _torus_a2a_kv(qkv, joint: Joint | None, groups: SPGroups, pair: TransportPair, attend: Kernel,
+                  scale: float, masks: _KeyMasks | None):
+    """Machine t attends for head group t (H/T heads) over the whole sequence; its U ranks
+    share that group's keys and values instead of splitting its heads, so only T must divide
+    the heads. No Ulysses all-to-all: each rank sends its own shard across machines.
+
+    Slot a holds our queries of rank (t-a, u)'s shard and machine t-a's whole block of keys:
+    the queries come first, in one all-to-all across machines (a third of the bytes), so
+    every later block attends with all of them at once (blocks of one shard's queries
+    left the GPU partly idle: 97 tiles for 132 SMs at 4x8); then the K/V in T-1 peer steps,
+    each all-gathered inside the machine (NVLink) while the previous slot's keys are
+    attended. The last slot's keys are attended slot by slot of queries, each output sent
+    home as soon as it is final. Across machines each GPU sends what ``a2a`` sends,
+    4X(T-1)/T; inside, the K/V gathers move 2X(U-1) instead of the all-to-all's 4X(U-1)/U.
+    """
+    T, t = dist.get_world_size(groups.torus), dist.get_rank(groups.torus)
+    U = groups.ulysses_size
+    B, H, c, D = qkv[0].shape
+    hg = H // T
+    q, k, v = (x.unflatten(1, (T, hg)) for x in qkv)  # head group p is machine p's
+    kv_for = lambda dst: torch.stack((k[:, dst], v[:, dst]))
+    kv_step = lambda a: _post(pair.torus, kv_for((t + a) % T), (t + a) % T, (t - a) % T, groups.torus)
+    gather_kv = lambda kv: _gather_start(pair.ulysses, kv, groups.ulysses)
+    joint, nj = _joint_share(joint, t * hg, hg, groups.ulysses)
+    slots = _SlotBuffers(q[:, t], joint, T, t, masks, c, U * c)
+    block = lambda q_rows, k_rows: slots.attend(attend, scale, q_rows, k_rows)
+    last = T - 1
+
+    queries = _all_to_all_start(pair.torus, q.movedim(1, 0), groups.torus)  # (T, B, hg, c, D) by source
+    pending = kv_step(1)
+    gathering = gather_kv(kv_for(t))
+    slots.q[:, :, slots.q_slots(0, 1)] = q[:, t]
+    slots.fill_gathered_kv(0, gathering.wait())
+    block(slots.q_through(1), slots.k_through(1))  # our (and the joint) queries: joint keys, our machine's
+    arrived = queries.wait()
+    for a in range(1, T):
+        slots.q[:, :, slots.q_slots(a, a + 1)] = arrived[(t - a) % T]
+    for a in range(1, T):
+        gathering = gather_kv(pending.wait())
+        if a < last:
+            pending = kv_step(a + 1)
+        if a == 1:  # under the gather: the keys already here, with queries not yet met
+            block(slots.q_slots(1, T), slots.k_through(1))
+        else:
+            block(slots.q_through(T), slots.k_slots(a - 1, a))
+        slots.fill_gathered_kv(a, gathering.wait())
+    returns = {}
+    for b in range(last, 0, -1):  # the last keys, slot by slot: each output home once final
+        block(slots.q_slots(b, b + 1), slots.k_slots(last, last + 1))
+        returns[b] = _send_output(slots, b, t, T, groups.torus, pair.torus)
+    block(slots.q_through(1), slots.k_slots(last, last + 1))
+
+    out = seq_major((B, H, c, D), qkv[0])
+    out[:, t * hg:(t + 1) * hg] = slots.out[:, :, slots.q_slots(0, 1)]
+    for b, pend in returns.items():  # output step b brings our shard from torus rank t+b
+        p = (t + b) % T
+        out[:, p * hg:(p + 1) * hg] = pend.wait()
+    if joint is None or joint.q is None:
+        return out
+    joint_out = slots.out[:, :, : slots.nq].to(qkv[0].dtype)
+    joint_out = _all_gather(joint_out, 2, groups.ulysses, pair.ulysses)[:, :, :nj]  # rows, padding off
+    return out, _all_gather(joint_out, 1, groups.torus, pair.torus)  # heads
+
+
+def _all_to_all_start(transport: Transport, x: torch.Tensor, group) -> Pending:
+    """``x`` (P, ...) by destination -> (P, ...) by source, started now where the transport can."""
+    with record_function("torus_exchange"):
+        if hasattr(transport, "all_to_all_start"):
+            return transport.all_to_all_start(x, group, 0, 0)
+        return _Done(transport.all_to_all(x, group, 0, 0))
+
+
+def _joint_share(joint: Joint | None, start: int, count: int, group) -> tuple[Joint | None, int]:
+    """Heads ``start:start+count`` of the joint tokens, and this rank's share of their queries:
+    the machine's ranks split the query rows (padded with zero rows to a multiple of U, cut
+    off again after the gather) and keep every key. Returns it and the true query count."""
+    joint = _head_slice(joint, start, count)
+    if joint is None or joint.q is None:
+        return joint, 0
+    U = dist.get_world_size(group) if group is not None else 1
+    u = dist.get_rank(group) if U > 1 else 0
+    nj = joint.q.shape[2]
+    per = -(-nj // U)
+    rows = torch.nn.functional.pad(joint.q, (0, 0, 0, per * U - nj))[:, :, u * per:(u + 1) * per]
+    return Joint(rows, joint.k, joint.v, joint.key_mask), nj
+
+
+class _Gathered:
+    """An all-gather done as peer steps (transports without a collective one)."""
+
+    def __init__(self, own: torch.Tensor, me: int, steps: dict):
+        self.own, self.me, self.steps = own, me, steps
+
+    def wait(self) -> torch.Tensor:
+        P = len(self.steps) + 1
+        parts = [self.own] * P
+        for d, step in self.steps.items():  # step d brings group rank me-d's
+            parts[(self.me - d) % P] = step.wait()
+        return torch.stack(parts)
+
+
+def _gather_start(transport: Transport, x: torch.Tensor, group) -> Pending:
+    """Every group rank's ``x``, stacked in rank order, (P, *x.shape); started now."""
+    if group is None or dist.get_world_size(group) == 1:
+        return _Done(x[None])
+    if hasattr(transport, "all_gather"):
+        return transport.all_gather(x, group)
+    P, me = dist.get_world_size(group), dist.get_rank(group)
+    return _Gathered(x, me, {d: _post(transport, x, (me + d) % P, (me - d) % P, group) for d in range(1, P)})

@@ -28,9 +28,15 @@ def test_four_machines_of_eight():
     assert all(len(m) == 1 for m in machines(layout, "ulysses"))
     assert all(len(m) == 4 for m in machines(layout, "torus"))
     assert layout.groups("torus")[3] == [3, 11, 19, 27]
-    # 24 heads do not split over 32 ranks: the torus gathers K/V instead, and says so
+    # 24 heads do not split over 32 ranks: K/V travel (the link's speed is unknown here), and
+    # the note names the exchange that splits the heads by machine for slow links
     assert layout.torus_exchange == "kv"
-    assert any("kv" in note for note in layout.notes)
+    assert any("'a2a-kv'" in note and "2x fewer bytes" in note for note in layout.notes)
+    assert plan_layout(Topology.uniform(4, 8), FLUX_HEADS, torus_exchange="a2a-kv").torus_exchange == "a2a-kv"
+    # 30 heads split over neither (ulysses 2, torus 16): K/V travel instead of heads
+    layout = plan_layout(Topology.uniform(4, 8), 30)
+    assert (layout.dims.ulysses, layout.dims.torus, layout.torus_exchange) == (2, 16, "kv")
+    assert any("split neither" in note for note in layout.notes)
 
 
 def test_four_machines_of_eight_with_cfg_puts_cfg_across_and_torus_of_two_gathers_kv():
@@ -77,6 +83,10 @@ def test_user_degree_is_kept_and_other_filled_in():
     (dict(ulysses=8), FLUX_HEADS, "ulysses degree 8 puts one all-to-all group on several machines"),
     (dict(ulysses=4, torus=2, torus_exchange="a2a"), 12,
      "torus exchange 'a2a' needs heads divisible by ulysses x torus = 8, but there are 12 heads"),
+    (dict(ulysses=4, torus=2, torus_exchange="a2a"), 12, "there are 12 heads; use 'a2a-kv', 'kv' or 'auto'"),
+    (dict(ulysses=2, torus=4, torus_exchange="a2a"), 6, "there are 6 heads; use 'kv' or 'auto'"),
+    (dict(ulysses=1, torus=8, torus_exchange="a2a-kv"), 12,
+     "torus exchange 'a2a-kv' needs heads divisible by the torus degree 8, but there are 12 heads"),
     (dict(torus_exchange="ring"), FLUX_HEADS, "unknown torus exchange 'ring'"),
     (dict(ulysses=0), FLUX_HEADS, "ulysses degree must be >= 1"),
 ])

@@ -6,7 +6,9 @@ compares each rank's output shard with float64 attention over the whole
 sequence computed in one process.
 """
 
+import os
 import random
+import sys
 
 import pytest
 import torch
@@ -112,6 +114,33 @@ def test_a2a_exchange_forced_with_two_machines():
 def test_kv_exchange_by_peer_steps():
     # two machines: where the gloo transport would otherwise use its all-gather
     run_ranks(_check_grid, 2, 2, 2, 2, random.randrange(2**31), HEADS, "kv", True)
+
+
+def test_a2a_kv_exchange_forced():
+    # 6 heads split over the 2 machines, not over 2 x 2 ranks: a2a is impossible here
+    run_ranks(_check_grid, 2, 2, 2, 2, random.randrange(2**31), 6, "a2a-kv")
+
+
+def test_a2a_kv_exchange_by_peer_steps():
+    # the K/V gather inside a machine as peer steps: the path transports without a collective take
+    run_ranks(_check_grid, 2, 2, 2, 2, random.randrange(2**31), 6, "a2a-kv", True)
+
+
+THREAD_GRIDS = [(2, 4), (4, 2), (2, 8), (4, 8)]  # (machines, ranks per machine)
+
+
+@pytest.mark.parametrize("heads", [24, 40])
+@pytest.mark.parametrize("machines,per", THREAD_GRIDS, ids=[f"{m}x{g}" for m, g in THREAD_GRIDS])
+def test_every_exchange_on_large_grids_with_a_rank_per_thread(machines, per, heads):
+    """Up to 32 ranks as threads of this process (tests/gpu/thread_ranks.py): every exchange
+    the heads allow, with each kind of joint text and key padding, against float64 attention."""
+    here = os.path.dirname(__file__)  # thread_ranks lives with the GPU tests, its helpers in benchmarks/
+    sys.path[:0] = [os.path.join(here, "gpu"), os.path.join(here, "..", "benchmarks")]
+    import thread_ranks
+    rows = thread_ranks.attention_rows(f"{machines}x{per}", "cpu", small=True, heads=heads)
+    assert {r["exchange"] for r in rows} >= {"kv", "a2a-kv"}
+    assert {r["joint"] for r in rows} == {"none", "front", "keys_only", "padded"}
+    assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
 
 
 HEAD_CHUNKED = [(2, 3), (2, 4), (4, 2), (4, 6)]  # (ranks, chunks) of one machine, 24 heads

@@ -286,13 +286,16 @@ def check_case(machines, per, exchange, dtype, joint_kind, tokens, text, heads, 
 
 
 def grids_and_exchanges(grids: str, heads: int):
-    """Each grid with ``kv``, and with ``a2a`` too where the heads split across all ranks;
+    """Each grid with ``kv``, and with ``a2a`` too where the heads split across all ranks,
+    ``a2a-kv`` where they split across the machines (and a machine has several ranks);
     one-machine grids also with the all-to-all in head chunks ("kv/hc2": two per rank's heads)."""
     for grid in grids.split(","):
         machines, per = map(int, grid.split("x"))
         yield machines, per, "kv"
         if machines > 1 and heads % (per * machines) == 0:
             yield machines, per, "a2a"
+        if machines > 1 and per > 1 and heads % machines == 0:
+            yield machines, per, "a2a-kv"
         if machines == 1 and per > 1 and heads % (2 * per) == 0:
             yield machines, per, "kv/hc2"
 
@@ -341,10 +344,11 @@ def flux_rows(sizes: str, grids: str, device: str) -> list[dict]:
     return rows
 
 
-def attention_rows(grids: str, device: str, small: bool = False) -> list[dict]:
+def attention_rows(grids: str, device: str, small: bool = False, heads: int = 24) -> list[dict]:
     """Every grid and exchange with each joint-text kind, Flux's attention (24 heads, head
-    dim 128) on Flux 1024²'s 4,096 image + 512 text tokens (``small``: 48 + 8, fp32 too)."""
-    heads, dim = 24, 128
+    dim 128; Wan 2.1's 40 with ``heads=40``) on Flux 1024²'s 4,096 image + 512 text tokens
+    (``small``: 48 + 8, or 4 per rank on larger grids, head dim 16, fp32 too)."""
+    dim = 16 if small else 128
     tokens, text = (48, 8) if small else (4096, 512)
     dtypes = (torch.float32, torch.bfloat16) if small else (torch.bfloat16,)
     rows = []
@@ -352,7 +356,7 @@ def attention_rows(grids: str, device: str, small: bool = False) -> list[dict]:
         for dtype in dtypes:
             for i, joint_kind in enumerate(("none", "front", "keys_only", "padded")):
                 n = tokens + (text if joint_kind == "none" else 0)  # text in the sequence, or joint
-                n -= n % (machines * per)
+                n = max(n - n % (machines * per), 4 * machines * per)
                 rows.append(check_case(machines, per, exchange, dtype, joint_kind, n, text, heads, dim,
                                        device, seed=1000 * machines + 100 * per + i))
                 print(json.dumps(rows[-1]), flush=True)
