@@ -26,6 +26,10 @@
 #              vs plain attention, and of the LSE kernels at head dims that are not multiples of 8
 #   merge      (one GPU is enough) the fused LSE merge: its tests, its speed, and eager rank compute
 #              with each form
+#   emulated   (one GPU is enough) FLUX.1-dev 2048² and 4096² on emulated 2x8 and 4x8 clusters at 50
+#              and 12.5 GB/s per GPU between machines, eager and CUDA graphs: torus a2a-kv, usp,
+#              diffusers' own
+#   emulated-video  the same for Wan 2.1 14B at 81x720x1280
 #   smoke      (one-GPU machines) the harness end to end as topology 1x1 (new OUT_FOLDER): its code
 #              paths, and torus's own overhead beside xDiT's USP at one rank
 # Appending steps need the earlier steps' folder in the working tree (unpack it into
@@ -40,7 +44,7 @@
 set -uo pipefail
 step=$1 out=$2
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site
+export PYTHONPATH=/tmp/site:$PWD  # the checkout itself, not an installed copy
 export NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 export CUDA_MODULE_LOADING=EAGER
 n=$(nvidia-smi -L | wc -l)
@@ -49,6 +53,8 @@ fail=0
 run() { "$@" || fail=1; }  # every command runs; the step fails if any did
 # the harness skips jobs that could not finish inside the call (the device's 10-minute cap)
 harness() { run python3 benchmarks/harness.py --gpus "$n" --out "$out" --deadline 540 "$@"; }
+# usp runs the layout torus took before a2a-kv (U=8 inside, kv across): the before of each row
+emulated="python3 benchmarks/emulated_cluster.py --clusters 2x8,4x8 --links 400G,100G --modes eager,graph --repeats 5"
 # GPU tests ($1: seconds), their JSON, Markdown and worker logs in $out; -rs names every skip's reason
 gpu_tests() {
   local limit=$1; shift
@@ -76,6 +82,13 @@ case $step in
   alltoall)  run timeout 500 torchrun --nproc-per-node "$n" benchmarks/alltoall_bench.py --out "$out"
              run python3 benchmarks/alltoall_report.py "$out/alltoall_${n}gpu.json" ;;  # table and plot
   shared)    gpu_tests 560 tests/gpu/test_gpu_nvshmem.py -k sharing ;;  # correctness only, nothing timed
+  emulated)
+    run timeout 260 $emulated --model flux-dev --size 2048 --strategies torus-a2a-kv,usp,diffusers --deadline 200 \
+      --out "$out/flux2048"
+    run timeout 280 $emulated --model flux-dev --size 4096 --strategies torus-a2a-kv,usp --deadline 220 \
+      --out "$out/flux4096" ;;
+  emulated-video) run timeout 540 $emulated --model wan2.1-14b --strategies torus-a2a-kv,usp --deadline 420 \
+      --out "$out/wan720" ;;
   smoke)     harness --topologies 1x1 --sizes 1024 --diffusers-sizes 1024 --timeout 150 ;;
   harness-1) harness --topologies "1x$n,2x$half" --sizes 1024 --timeout 240 ;;
   harness-2) harness --topologies "${n}x1,2x${half}p50,${n}x1p50" --sizes 1024 --timeout 240 --append ;;
@@ -87,6 +100,6 @@ case $step in
   video-2)   harness --topologies "2x$half" --suites video --timeout 480 --append ;;
   *) echo "unknown step $step"; exit 2 ;;
 esac
-case $step in gpu-tests|kernels|alltoall|shared|rank-compute|merge|threads) ;; *) run python3 benchmarks/report.py "$out" > /dev/null ;; esac
+case $step in gpu-tests|kernels|alltoall|shared|rank-compute|merge|threads|emulated*) ;; *) run python3 benchmarks/report.py "$out" > /dev/null ;; esac
 if [ -n "${OUT:-}" ] && [ -d "$out" ]; then run bash benchmarks/pack_out.sh "$out" "$step"; fi
 exit $fail

@@ -20,8 +20,8 @@ rank's step is the job's. One row per (cluster, link, strategy):
 * speedup (torus rows): the best USP-like row (usp, ulysses, ring, diffusers*) of the same
   cluster and link over the torus row.
 
-Strategies: ``torus`` (rows for both exchanges where the heads split over U x T, else kv),
-``torus-kv``, ``torus-a2a``, ``usp``, ``ulysses``, ``ring`` (``parallelize_transformer``);
+Strategies: ``torus`` (a row for kv, and one for a2a where the heads split over U x T, else
+for a2a-kv where they split over the machines), ``torus-kv``, ``torus-a2a``, ``torus-a2a-kv``, ``usp``, ``ulysses``, ``ring`` (``parallelize_transformer``);
 ``diffusers`` (diffusers' own context parallelism, ``enable_parallelism``, best USP split
 inside a machine, cuDNN attention on GPU), ``diffusers-ulysses``, ``diffusers-ring``.
 ``NAME@uD`` fixes the Ulysses degree at D. The model is built once (parameters on the meta
@@ -31,7 +31,9 @@ What it cannot see (the emulator's limits): NVSwitch and NIC contention, congest
 stragglers and skew (every rank is this one), NCCL algorithm switches beyond the measured
 table, the SMs a collective holds (a spin holds one thread block); NVSHMEM bypasses
 torch.distributed, so torus runs over NCCL here. An emulated call costs more host time than
-NCCL's, which weighs on call-heavy schedules (ring) in step ms, not in exposed comm. Eager only.
+NCCL's (150-240 us on an H200), which weighs on call-heavy schedules (ring, a2a-kv) in eager
+step ms; ``--modes graph`` captures each strategy's forward in a CUDA graph per link (a GPU
+only), which takes every host cost, ours and the emulator's, out of the step.
 
 On one H200, with the package installed (its ``kernels`` ship from ``kernels/``), FLUX.1-dev at
 2048^2 in about 3 minutes (24 heads split over no U x T of 16 or 32 GPUs, so torus runs kv
@@ -166,7 +168,8 @@ def model_inputs(args, device: torch.device, dtype: torch.dtype) -> dict:
 # --- strategies --------------------------------------------------------------------------------
 
 def expand(strategies: list[str], heads: int, machines: int, gpus: int) -> list[str]:
-    """``torus[@uD]`` -> ``torus-kv[@uD]`` and, where the heads split over U x T, ``torus-a2a[@uD]``."""
+    """``torus[@uD]`` -> ``torus-kv[@uD]`` and, across machines, ``torus-a2a[@uD]`` where the
+    heads split over U x T, else ``torus-a2a-kv[@uD]`` where they split over T."""
     out = []
     for spec in strategies:
         name, _, u = spec.partition("@u")
@@ -175,7 +178,11 @@ def expand(strategies: list[str], heads: int, machines: int, gpus: int) -> list[
             continue
         P = machines * gpus
         U = int(u) if u else max(valid_ulysses(P, gpus, heads) or [1])
-        exchanges = ("kv", "a2a") if P // U > 1 and heads % P == 0 else ("kv",)
+        T, exchanges = P // U, ["kv"]
+        if T > 1 and heads % P == 0:
+            exchanges.append("a2a")
+        elif T > 1 and U > 1 and heads % T == 0:
+            exchanges.append("a2a-kv")
         out += [f"torus-{e}" + (f"@u{u}" if u else "") for e in exchanges]
     return out
 
@@ -212,36 +219,53 @@ def forward(model, kw: dict) -> None:
         out.wait()
 
 
-def _timed_forward(model, kw: dict, cluster, device) -> float:
+def _timed(run, cluster, device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        forward(model, kw)
+        run()
         end.record()
         end.synchronize()
         return start.elapsed_time(end)
     t0 = cluster.clock.now_us
-    forward(model, kw)
+    run()
     return (cluster.clock.now_us - t0) / 1e3
 
 
 @torch.no_grad()
-def interleaved_ms(models: dict, kw: dict, cluster, device, repeats: int, warmup: int):
-    """Median forward ms of each model, timed in turn (one forward of each per round), so
-    drift during the run (clocks, caches, the host) falls on every strategy alike; and each
-    model's transfers in its last forward."""
+def interleaved_ms(runs: dict, cluster, device, repeats: int, warmup: int):
+    """Median ms of each step function, timed in turn (one call of each per round), so drift
+    during the run (clocks, caches, the host) falls on every strategy alike; and each one's
+    transfers in its last call (none for a graph replay: those were booked at capture)."""
     for _ in range(warmup):
-        for model in models.values():
-            forward(model, kw)
-    times = {spec: [] for spec in models}
+        for run in runs.values():
+            run()
+    times = {key: [] for key in runs}
     transfers = {}
     for _ in range(repeats):
-        for spec, model in models.items():
+        for key, run in runs.items():
             n = len(cluster.transfers)
-            times[spec].append(_timed_forward(model, kw, cluster, device))
-            transfers[spec] = cluster.transfers[n:]
-    return {spec: statistics.median(t) for spec, t in times.items()}, transfers
+            times[key].append(_timed(run, cluster, device))
+            transfers[key] = cluster.transfers[n:]
+    return {key: statistics.median(t) for key, t in times.items()}, transfers
+
+
+@torch.no_grad()
+def captured(model, kw: dict, cluster):
+    """One forward captured in a CUDA graph (graph mode: no host time per kernel or call),
+    and the transfers booked while capturing it, which every replay repeats. The link
+    model in force at capture is baked into the graph (the spins' durations)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as capture wants
+        forward(model, kw)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    n = len(cluster.transfers)
+    with torch.cuda.graph(graph):
+        forward(model, kw)
+    return graph, cluster.transfers[n:]
 
 
 def link_record(transfers, layers: int) -> dict:
@@ -261,36 +285,31 @@ def floor_ms(shape: ModelShape, machines: int, gpus: int, inter_GBps: float) -> 
 
 
 def measure(base, kw, specs, machines, gpus, links, rows, layers, device, args) -> None:
-    """Fill ``rows[spec]`` (one row per link) for every strategy of one cluster: one emulated
-    job, one copy per strategy parallelised once, all timed in turn; the links are swapped on
-    the cluster between timings (the process groups stay)."""
+    """Fill ``rows[spec, mode]`` (one row per link) for every strategy of one cluster: one
+    emulated job, one copy per strategy parallelised once, all timed in turn; the links are
+    swapped on the cluster between timings (the process groups stay)."""
     cluster = emulate(machines * gpus, gpus, 0, INSTANT, clock=None if device.type == "cuda" else WallClock())
     models = {}
     try:
         for spec in specs:
+            spec_rows = [row for mode in args.modes for row in rows[spec, mode]]
             try:
                 t = time.perf_counter()
                 model = shared_copy(base)
                 layout = parallelize(model, spec, machines, gpus, device)
                 forward(model, kw)  # fails here rather than in the timed rounds
                 models[spec] = model
-                for row in rows[spec]:
+                for row in spec_rows:
                     row.update(layout=layout, setup_s=round(time.perf_counter() - t, 2))
             except Exception as e:  # the strategy did not run: every link's row says why
-                for row in rows[spec]:
+                for row in spec_rows:
                     row.setdefault("error", first_line(e))
         if not models:
             return
-        compute, _ = interleaved_ms(models, kw, cluster, device, args.repeats, warmup=1)
-        for i, (_, link) in enumerate(links):
-            if any([past_deadline(args, rows[spec][i]) for spec in models]):
-                continue
-            cluster.link = link
-            ms, transfers = interleaved_ms(models, kw, cluster, device, args.repeats, warmup=1)
-            for spec in models:
-                rows[spec][i].update(step_ms=ms[spec], compute_ms=compute[spec],
-                                     exposed_ms=ms[spec] - compute[spec], **link_record(transfers[spec], layers))
-                print(json.dumps(rows[spec][i]), flush=True)
+        if "eager" in args.modes:
+            measure_eager(models, kw, cluster, links, rows, layers, device, args)
+        if "graph" in args.modes:
+            measure_graphs(models, kw, cluster, links, rows, layers, device, args)
     finally:
         models.clear()
         dist.destroy_process_group()
@@ -299,6 +318,50 @@ def measure(base, kw, specs, machines, gpus, links, rows, layers, device, args) 
             with contextlib.suppress(RuntimeError):  # a failed kernel: its row says so already
                 torch.cuda.synchronize()
                 torch.cuda.empty_cache()
+
+
+def measure_eager(models, kw, cluster, links, rows, layers, device, args) -> None:
+    runs = {spec: (lambda m=model: forward(m, kw)) for spec, model in models.items()}
+    cluster.link = INSTANT
+    compute, _ = interleaved_ms(runs, cluster, device, args.repeats, warmup=1)
+    for i, (_, link) in enumerate(links):
+        if any([past_deadline(args, rows[spec, "eager"][i]) for spec in models]):
+            continue
+        cluster.link = link
+        ms, transfers = interleaved_ms(runs, cluster, device, args.repeats, warmup=1)
+        for spec in models:
+            record_row(rows[spec, "eager"][i], ms[spec], compute[spec], transfers[spec], layers)
+
+
+def measure_graphs(models, kw, cluster, links, rows, layers, device, args) -> None:
+    """Per link (it is baked into a capture), every strategy captured, then replayed in turn."""
+    compute = None
+    for i, (_, link) in enumerate([("instant", INSTANT), *links]):
+        if i and any([past_deadline(args, rows[spec, "graph"][i - 1]) for spec in models]):
+            continue
+        cluster.link = link
+        graphs, transfers = {}, {}
+        for spec, model in models.items():
+            try:
+                graphs[spec], transfers[spec] = captured(model, kw, cluster)
+            except Exception as e:  # e.g. a collective that cannot be captured: the rows say so
+                for row in rows[spec, "graph"]:
+                    row.setdefault("error", f"capture: {first_line(e)}")
+        ms, _ = interleaved_ms({spec: g.replay for spec, g in graphs.items()}, cluster, device,
+                               args.repeats, warmup=1)
+        if compute is None:
+            compute = ms
+        else:
+            for spec in set(graphs) & set(compute):
+                record_row(rows[spec, "graph"][i - 1], ms[spec], compute[spec], transfers[spec], layers)
+        del graphs
+        torch.cuda.synchronize()
+
+
+def record_row(row: dict, step_ms: float, compute_ms: float, transfers, layers: int) -> None:
+    row.update(step_ms=step_ms, compute_ms=compute_ms, exposed_ms=step_ms - compute_ms,
+               **link_record(transfers, layers))
+    print(json.dumps(row), flush=True)
 
 
 def past_deadline(args, row: dict) -> bool:
@@ -332,13 +395,14 @@ def run(args) -> dict:
     for cluster in args.clusters.split(","):
         machines, gpus = map(int, cluster.split("x"))
         specs = expand(args.strategies.split(","), base.config.num_attention_heads, machines, gpus)
-        rows = {spec: [dict(model=args.model, size=size, tokens=shape.tokens, cluster=cluster, link=name,
-                            inter_GBps=link.inter_GBps, strategy=spec, layout="",
-                            floor_ms=floor_ms(shape, machines, gpus, link.inter_GBps)) for name, link in links]
-                for spec in specs}
+        rows = {(spec, mode): [dict(model=args.model, size=size, tokens=shape.tokens, cluster=cluster,
+                                    link=name, inter_GBps=link.inter_GBps, strategy=spec, mode=mode, layout="",
+                                    floor_ms=floor_ms(shape, machines, gpus, link.inter_GBps))
+                               for name, link in links]
+                for mode in args.modes for spec in specs}
         if not any([past_deadline(args, row) for spec_rows in rows.values() for row in spec_rows]):
             measure(base, kw, specs, machines, gpus, links, rows, shape.layers, device, args)
-        result["rows"] += [row for spec in specs for row in rows[spec]]
+        result["rows"] += [row for key in rows for row in rows[key]]
         save(result, args.out)  # after every cluster: a run cut short keeps what it measured
     return result
 
@@ -346,7 +410,7 @@ def run(args) -> dict:
 def add_speedups(rows: list[dict]) -> None:
     for row in rows:
         peers = [r for r in rows if "step_ms" in r and r["strategy"].split("@")[0] in USP_LIKE
-                 and (r["cluster"], r["link"]) == (row["cluster"], row["link"])]
+                 and (r["cluster"], r["link"], r.get("mode")) == (row["cluster"], row["link"], row.get("mode"))]
         if row["strategy"].startswith("torus") and "step_ms" in row and peers:
             best = min(peers, key=lambda r: r["step_ms"])
             row["speedup"] = best["step_ms"] / row["step_ms"]
@@ -370,11 +434,11 @@ def save(result: dict, out: str) -> None:
              "exposed comm = step - compute-only; inter busy: the busier direction of the inter-machine link in "
              "one forward; floor: 4X(N-1)/N cross-machine bytes per GPU per layer over the link, times layers. "
              f"Model built in {result['build_s']} s.", "",
-             "| model | size | tokens | cluster | link GB/s | strategy | layout | step ms | compute-only ms "
-             "| exposed comm ms | inter busy ms | floor ms | torus speedup |", "|---" * 13 + "|"]
+             "| model | size | tokens | cluster | link GB/s | strategy | mode | layout | step ms | compute-only ms "
+             "| exposed comm ms | inter busy ms | floor ms | torus speedup |", "|---" * 14 + "|"]
     for r in result["rows"]:
         lines.append(f"| {r['model']} | {r['size']} | {r['tokens']} | {r['cluster']} | {r['inter_GBps']:g} | "
-                     f"{r['strategy']} | {r['layout']} | {fmt(r, 'step_ms') or 'failed: ' + r.get('error', '')} | "
+                     f"{r['strategy']} | {r.get('mode', 'eager')} | {r['layout']} | {fmt(r, 'step_ms') or 'failed: ' + r.get('error', '')} | "
                      f"{fmt(r, 'compute_ms')} | {fmt(r, 'exposed_ms')} | {fmt(r, 'inter_busy_ms')} | "
                      f"{fmt(r, 'floor_ms')} | {fmt(r, 'speedup') and fmt(r, 'speedup') + 'x'}"
                      f"{' (same layout)' if r.get('same_layout_as_best_usp') else ''} |")
@@ -389,12 +453,13 @@ def save_plot(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
     rows = result["rows"]
     groups = list(dict.fromkeys((r["cluster"], r["link"]) for r in rows))
-    names = list(dict.fromkeys(r["strategy"] for r in rows))
+    label = lambda r: r["strategy"] + ("" if r.get("mode", "eager") == "eager" else f" ({r['mode']})")
+    names = list(dict.fromkeys(label(r) for r in rows))
     width = 0.8 / len(names)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(groups) * len(names) + 2), 4.5))
     for i, name in enumerate(names):
         for g, group in enumerate(groups):
-            row = next((r for r in rows if (r["cluster"], r["link"], r["strategy"]) == (*group, name)), {})
+            row = next((r for r in rows if (r["cluster"], r["link"], label(r)) == (*group, name)), {})
             x = g + (i - (len(names) - 1) / 2) * width
             if "step_ms" in row:
                 ax.bar(x, row["step_ms"], width, color=f"C{i}", label=name)
@@ -424,6 +489,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--clusters", default="2x8,4x8", help="MACHINESxGPUS, comma-separated")
     ap.add_argument("--links", default="400G,100G", help=f"between machines, of {', '.join(NETWORK_PRESETS)}")
     ap.add_argument("--strategies", default="torus,usp,ulysses,ring,diffusers")
+    ap.add_argument("--modes", default="eager", help="eager, graph (CUDA graphs: a GPU only), comma-separated")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--deadline", type=float, default=None, help="seconds: start nothing new after them")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -431,6 +497,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.size = args.size or (256 if args.model == "tiny" else 2048)
+    args.modes = args.modes.split(",")
+    if set(args.modes) - {"eager", "graph"} or ("graph" in args.modes and args.device == "cpu"):
+        ap.error(f"--modes {','.join(args.modes)}: eager, and graph on a GPU only")
     args.started = time.perf_counter()
     from diffusers.utils import logging as diffusers_logging
     verbosity = diffusers_logging.get_verbosity()
