@@ -178,6 +178,7 @@ def parallelize_transformer(transformer: torch.nn.Module, strategy: str = "torus
             processor._parallel_config = config
     apply_context_parallel(transformer, cp, plan)
     _refuse_unsplittable_inputs(transformer, plan, layout.dims.sp)
+    _name_unsplittable_outputs(transformer, plan, layout.dims.sp)
     _wrap_dispatch(sys.modules[type(transformer).__module__])
     return layout
 
@@ -196,6 +197,29 @@ def _refuse_unsplittable_inputs(transformer: torch.nn.Module, plan: dict, sp: in
         split = _split_inputs(module, entries)
         if split:
             module.register_forward_pre_hook(functools.partial(_check_split, split, sp), with_kwargs=True)
+
+
+def _name_unsplittable_outputs(transformer: torch.nn.Module, plan: dict, sp: int) -> None:
+    """Some plans split a module's output (Wan's rotary embedding), which no pre-hook can
+    measure first: an uneven length fails in diffusers' sharder with a bare assertion,
+    before any input the pre-hooks check. Catch that one assertion and say it in one line."""
+    splits_outputs = any(isinstance(spec, ContextParallelInput) and spec.split_output
+                         for entries in plan.values() if isinstance(entries, dict) for spec in entries.values())
+    if not splits_outputs:
+        return
+    inner = transformer.forward
+
+    @functools.wraps(inner)
+    def forward(*args, **kwargs):
+        try:
+            return inner(*args, **kwargs)
+        except AssertionError as e:
+            if "divisible by mesh size" not in str(e):
+                raise
+            raise SequenceSplitError(
+                f"{type(transformer).__name__}: a sequence its context-parallel plan splits cannot be split "
+                f"evenly over {sp} ranks; choose a size whose token count divides by {sp}") from None
+    transformer.forward = forward
 
 
 def _split_inputs(module: torch.nn.Module, entries: dict) -> list:

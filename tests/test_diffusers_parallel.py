@@ -123,6 +123,13 @@ def _check_errors(rank, world):
                                          r"rank counts that split every sequence \(6 and 240 tokens\): \[2, 3, 6\]"):
         pipe(PROMPT, height=60, width=64, num_inference_steps=1, max_sequence_length=6,
              output_type="latent")
+    # Wan's plan splits its rotary embedding's output: 3 x 3 x 3 = 27 video tokens over 4 ranks
+    wan = _tiny_wan(0)
+    parallelize_transformer(wan, "torus")
+    with pytest.raises(ValueError, match=r"^WanTransformer3DModel: a sequence its context-parallel plan splits "
+                                         r"cannot be split evenly over 4 ranks"):
+        wan(hidden_states=torch.randn(1, 4, 3, 6, 6), timestep=torch.tensor([500]),
+            encoder_hidden_states=torch.randn(1, 8, 32), return_dict=False)
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
     unet = UNet2DModel(sample_size=8, block_out_channels=(8, 8), norm_num_groups=4,
                        down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
