@@ -29,7 +29,7 @@
 #   emulated   (one GPU is enough) FLUX.1-dev 2048² and 4096² on emulated 2x8 and 4x8 clusters at 50
 #              and 12.5 GB/s per GPU between machines, eager and CUDA graphs: torus a2a-kv, usp,
 #              diffusers' own
-#   emulated-video  the same for Wan 2.1 14B at 81x720x1280
+#   emulated-video  the same for Wan 2.1 14B at 720x1280: 81 frames on 2x8, 77 on 4x8
 #   smoke      (one-GPU machines) the harness end to end as topology 1x1 (new OUT_FOLDER): its code
 #              paths, and torus's own overhead beside xDiT's USP at one rank
 # Appending steps need the earlier steps' folder in the working tree (unpack it into
@@ -87,8 +87,11 @@ case $step in
       --out "$out/flux2048"
     run timeout 280 $emulated --model flux-dev --size 4096 --strategies torus-a2a-kv,usp --deadline 220 \
       --out "$out/flux4096" ;;
-  emulated-video) run timeout 540 $emulated --model wan2.1-14b --strategies torus-a2a-kv,usp --deadline 420 \
-      --out "$out/wan720" ;;
+  emulated-video)  # 81 frames = 75,600 tokens, which 32 ranks cannot split: 4x8 runs 77 (72,000)
+    run timeout 300 $emulated --model wan2.1-14b --strategies torus-a2a-kv,usp --deadline 190 --clusters 2x8 \
+      --out "$out/wan720"
+    run timeout 200 $emulated --model wan2.1-14b --strategies torus-a2a-kv,usp --deadline 120 --clusters 4x8 \
+      --frames 77 --out "$out/wan720_77frames" ;;
   smoke)     harness --topologies 1x1 --sizes 1024 --diffusers-sizes 1024 --timeout 150 ;;
   harness-1) harness --topologies "1x$n,2x$half" --sizes 1024 --timeout 240 ;;
   harness-2) harness --topologies "${n}x1,2x${half}p50,${n}x1p50" --sizes 1024 --timeout 240 --append ;;
